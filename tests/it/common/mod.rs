@@ -1,0 +1,4 @@
+//! Shared test harness: real keygate servers, real upstreams, real redis-server.
+#![allow(dead_code)]
+
+pub mod redis;

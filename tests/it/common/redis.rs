@@ -1,0 +1,1 @@
+//! Starts a real redis-server on a free port in a temp dir (being written).

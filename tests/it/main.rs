@@ -1,0 +1,5 @@
+//! Integration tests: one binary (see STYLE.md), a module per area, the shared
+//! harness in `common`.
+
+mod common;
+mod store;

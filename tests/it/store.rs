@@ -1,0 +1,1 @@
+//! Store contract tests run unchanged against both backends (being written).
