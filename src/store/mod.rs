@@ -127,7 +127,14 @@ impl Event {
         details: serde_json::Value,
     ) -> Event {
         let ulid = ulid::Ulid::from_datetime(at.into());
-        Event { id: format!("evt_{ulid}"), at, kind, key_id, actor: actor.to_owned(), details }
+        Event {
+            id: format!("evt_{ulid}"),
+            at,
+            kind,
+            key_id,
+            actor: actor.to_owned(),
+            details,
+        }
     }
 }
 
@@ -139,7 +146,9 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { api_keys_enabled: true }
+        Settings {
+            api_keys_enabled: true,
+        }
     }
 }
 
@@ -179,7 +188,8 @@ impl ListFilter {
             return false;
         }
         if let Some(within) = self.expiring_within {
-            let horizon = now + chrono::Duration::from_std(within).unwrap_or(chrono::TimeDelta::MAX);
+            let horizon =
+                now + chrono::Duration::from_std(within).unwrap_or(chrono::TimeDelta::MAX);
             match rec.expires_at {
                 Some(e) if e > now && e <= horizon => {}
                 _ => return false,
@@ -210,7 +220,9 @@ pub struct EventFilter {
 
 impl EventFilter {
     pub fn matches(&self, ev: &Event) -> bool {
-        self.key_id.as_ref().is_none_or(|k| ev.key_id.as_ref() == Some(k))
+        self.key_id
+            .as_ref()
+            .is_none_or(|k| ev.key_id.as_ref() == Some(k))
             && self.kind.is_none_or(|t| ev.kind == t)
     }
 }
@@ -284,8 +296,7 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Deletes the record, its indexes and usage; appends `event` atomically.
     /// Returns the deleted record, or `None` if there was none.
-    async fn delete_key(&self, id: &KeyId, event: &Event)
-    -> Result<Option<KeyRecord>, StoreError>;
+    async fn delete_key(&self, id: &KeyId, event: &Event) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Number of keys `owner` holds.
     async fn count_owner(&self, owner: &str) -> Result<u64, StoreError>;
@@ -323,3 +334,70 @@ pub trait KeyStore: Send + Sync + 'static {
 
 /// A shared handle to whichever backend the config chose.
 pub type SharedStore = Arc<dyn KeyStore>;
+
+/// Largest page a backend returns, whatever `limit` asks for.
+pub const MAX_PAGE: usize = 1000;
+
+/// Capacity of each backend's local invalidation channel. A subscriber that falls
+/// further behind gets `RecvError::Lagged` and must flush its whole cache.
+pub const INVALIDATION_CAPACITY: usize = 1024;
+
+/// Start of the UTC hour containing `t`, as Unix seconds (the usage bucket key).
+pub(crate) fn hour_start(t: DateTime<Utc>) -> i64 {
+    let s = t.timestamp();
+    s - s.rem_euclid(3600)
+}
+
+/// Event-id bounds for pruning events older than `before`: ids below the first
+/// bound are from earlier milliseconds (all go); ids in `[first, second)` share
+/// `before`'s millisecond and need their exact `at` compared. `None` when
+/// `before` is before 1970 (nothing to prune).
+pub(crate) fn event_prune_bounds(before: DateTime<Utc>) -> Option<(String, String)> {
+    let ms = u64::try_from(before.timestamp_millis()).ok()?;
+    let bound = |ms: u64| format!("evt_{}", ulid::Ulid::from_parts(ms, 0));
+    Some((bound(ms), bound(ms.saturating_add(1))))
+}
+
+/// Collects one page of a listing: up to `limit` (clamped to 1..=[`MAX_PAGE`])
+/// matching items, noting whether one more match exists, so that `next` is
+/// `None` exactly when nothing further matches (no duplicates or gaps).
+pub(crate) struct Collector<T> {
+    items: Vec<T>,
+    limit: usize,
+    more: bool,
+}
+
+impl<T> Collector<T> {
+    pub(crate) fn new(limit: usize) -> Self {
+        Collector {
+            items: Vec::new(),
+            limit: limit.clamp(1, MAX_PAGE),
+            more: false,
+        }
+    }
+
+    /// Offers a matching item; returns false once the page is full and one more
+    /// match was seen, so the scan can stop.
+    pub(crate) fn offer(&mut self, item: T) -> bool {
+        if self.items.len() == self.limit {
+            self.more = true;
+            false
+        } else {
+            self.items.push(item);
+            true
+        }
+    }
+
+    /// The page, with `next` set to `key` of the last item when more match.
+    pub(crate) fn page(self, key: impl Fn(&T) -> String) -> Page<T> {
+        let next = if self.more {
+            self.items.last().map(&key)
+        } else {
+            None
+        };
+        Page {
+            items: self.items,
+            next,
+        }
+    }
+}
