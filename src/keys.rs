@@ -101,7 +101,11 @@ pub fn check_format(prefix: &str, presented: &str) -> Result<(), FormatError> {
     }
     let body_len = prefix.len() + RANDOM_LEN;
     let expected = checksum_chars(crc32fast::hash(&presented.as_bytes()[..body_len]));
-    if expected.as_bytes().ct_eq(&presented.as_bytes()[body_len..]).into() {
+    if expected
+        .as_bytes()
+        .ct_eq(&presented.as_bytes()[body_len..])
+        .into()
+    {
         Ok(())
     } else {
         Err(FormatError::BadChecksum)
@@ -208,8 +212,9 @@ impl Scope {
     pub fn parse(s: &str) -> Result<Scope, String> {
         let ok = !s.is_empty()
             && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-'));
+            && s.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-')
+            });
         if ok {
             Ok(Scope(s.into()))
         } else {
@@ -536,8 +541,14 @@ mod tests {
         let typo = String::from_utf8(typo).unwrap();
         assert_eq!(check_format("kg_", &typo), Err(FormatError::BadChecksum));
         assert_eq!(check_format("sk_", s), Err(FormatError::WrongPrefix));
-        assert_eq!(check_format("kg_", &s[..s.len() - 1]), Err(FormatError::Malformed));
-        assert_eq!(check_format("kg_", &format!("{s}x")), Err(FormatError::Malformed));
+        assert_eq!(
+            check_format("kg_", &s[..s.len() - 1]),
+            Err(FormatError::Malformed)
+        );
+        assert_eq!(
+            check_format("kg_", &format!("{s}x")),
+            Err(FormatError::Malformed)
+        );
         let mut bad_char = s.to_owned();
         bad_char.replace_range(5..6, "-");
         assert_eq!(check_format("kg_", &bad_char), Err(FormatError::Malformed));
@@ -591,7 +602,13 @@ mod tests {
             assert!(Access::ReadOnly.allows(&m));
         }
         let purge = Method::from_bytes(b"PURGE").unwrap();
-        for m in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE, purge] {
+        for m in [
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            purge,
+        ] {
             assert!(!Access::ReadOnly.allows(&m));
             assert!(Access::Full.allows(&m));
         }
@@ -659,10 +676,16 @@ mod tests {
         let old = r.token_hash;
         let new = TokenHash::of("new");
         r.token_hash = new;
-        r.retired.push(RetiredSecret { hash: old, valid_until: now + Duration::hours(1) });
+        r.retired.push(RetiredSecret {
+            hash: old,
+            valid_until: now + Duration::hours(1),
+        });
         assert_eq!(r.check(&new, now), Ok(()));
         assert_eq!(r.check(&old, now), Ok(()));
-        assert_eq!(r.check(&old, now + Duration::hours(1)), Err(Refusal::Rotated));
+        assert_eq!(
+            r.check(&old, now + Duration::hours(1)),
+            Err(Refusal::Rotated)
+        );
         assert_eq!(r.check(&TokenHash::of("other"), now), Err(Refusal::Rotated));
         assert_eq!(r.all_hashes().count(), 2);
     }
@@ -683,6 +706,9 @@ mod tests {
         let c = ManualClock::new(start);
         assert_eq!(c.now().timestamp_millis(), start.timestamp_millis());
         c.advance(std::time::Duration::from_secs(60));
-        assert_eq!(c.now().timestamp_millis(), start.timestamp_millis() + 60_000);
+        assert_eq!(
+            c.now().timestamp_millis(),
+            start.timestamp_millis() + 60_000
+        );
     }
 }

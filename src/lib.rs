@@ -11,7 +11,15 @@
 //! Dependencies between modules go one way: `proxy` -> `auth` -> `cache` ->
 //! `store` -> `keys`; `config` and `error` are leaves.
 
+pub mod admin;
+pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod proxy;
+pub mod quickstart;
+pub mod server;
+pub mod signals;
 pub mod store;
+pub mod telemetry;

@@ -1,0 +1,183 @@
+//! Accepting connections: TCP, optional TLS, HTTP/1.1 and HTTP/2 on one port.
+//!
+//! The hyper-util auto builder speaks HTTP/1.1 and HTTP/2 (h2c with prior
+//! knowledge, h2 via ALPN over TLS). Every limit is set explicitly: header read
+//! timeout, header count and size, h2 concurrent streams and the rapid-reset
+//! defences, TLS handshake timeout, and a cap on open connections (beyond it,
+//! new connections wait in the kernel's accept queue).
+//!
+//! Shutdown: when `shutdown` fires the loop stops accepting, tells every
+//! connection to finish its in-flight requests, and waits up to the grace.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{ConnInfo, Gateway};
+use crate::config::{LimitsConfig, TlsConfig};
+
+/// Loads the certificate chain and key and builds a TLS acceptor offering h2
+/// and http/1.1 by ALPN.
+pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {
+    let certs = load_certs(&tls.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| format!("{}: cannot read a private key: {e}", tls.key.display()))?;
+    let mut cfg = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!(
+                "{}: certificate and key do not work together: {e}",
+                tls.cert.display()
+            )
+        })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: cannot read certificates: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: invalid certificate: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The HTTP server settings shared by every connection.
+pub fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(256))
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Serves the data plane on `listener` until `shutdown`, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<TlsAcceptor>,
+    limits: LimitsConfig,
+    shutdown: CancellationToken,
+) {
+    let builder = Arc::new(http_builder(&limits));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let conn = Arc::new(ConnInfo {
+            peer,
+            https: tls.is_some(),
+        });
+        let watcher = graceful.watcher();
+        let gateway = gateway.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.tls_handshake_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req: http::Request<Incoming>| {
+                let gateway = gateway.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(gateway.handle(req, &conn).await) }
+            });
+            match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    finish(watcher.watch(conn.into_owned()).await);
+                }
+                Some(acceptor) => {
+                    let Some(tls_stream) = handshake(&acceptor, stream, handshake_timeout).await
+                    else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+                    finish(watcher.watch(conn.into_owned()).await);
+                }
+            }
+        });
+    }
+    drop(listener);
+    let grace = limits.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "connections still open after the shutdown grace; closing them");
+    }
+}
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+fn finish(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = result {
+        // Client resets, header timeouts and malformed requests land here;
+        // they are the client's problem, not keygate's.
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
