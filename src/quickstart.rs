@@ -86,10 +86,10 @@ routes:
     let config = server.gateway.config();
     let read_only = demo_key(&store, &config, "quickstart read-only", Access::ReadOnly).await?;
     let full = demo_key(&store, &config, "quickstart full", Access::Full).await?;
-    print_tour(&server, &admin_token, &read_only, &full);
     crate::signals::spawn(shutdown.clone(), || {
         tracing::info!("quickstart has no config file to reload");
     });
+    print_tour(&server, &admin_token, &read_only, &full);
     shutdown.cancelled().await;
     server.wait().await;
     Ok(())

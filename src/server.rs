@@ -19,6 +19,8 @@ use crate::auth::Authenticator;
 use crate::cache::KeyCache;
 use crate::config::{self, Config, StoreBackend};
 use crate::keys::{Clock, SystemClock};
+use crate::lifecycle::usage::FLUSH_INTERVAL;
+use crate::lifecycle::{Lifecycle, LifecycleOptions, UsageFlusher, UsageRecorder};
 use crate::proxy::{Gateway, listener};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
@@ -45,6 +47,9 @@ pub struct Server {
     pub gateway: Arc<Gateway>,
     pub store: SharedStore,
     pub cache: Arc<KeyCache>,
+    /// Usage counters and their flusher (flushed once more in [`Server::wait`]).
+    pub usage: Arc<UsageFlusher>,
+    pub lifecycle: Arc<Lifecycle>,
     admin_config: Arc<ArcSwap<Config>>,
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -87,12 +92,13 @@ impl Server {
             cache: cache.clone(),
             clock: clock.clone(),
         };
-        let gateway = Arc::new(Gateway::new(cfg.clone(), auth));
+        let usage = Arc::new(UsageRecorder::new(clock.clone()));
+        let gateway = Arc::new(Gateway::new(cfg.clone(), auth, usage.clone()));
         let admin_config = Arc::new(ArcSwap::new(cfg.clone()));
         let admin_state = Arc::new(AdminState {
             store: store.clone(),
             config: admin_config.clone(),
-            clock,
+            clock: clock.clone(),
         });
 
         let mut tasks = vec![cache.clone().spawn_maintenance(shutdown.clone())];
@@ -112,6 +118,17 @@ impl Server {
             }
             Some(n) => spawn_workers(n, &cfg, &gateway, tls, &shutdown)?,
         };
+        // Started once both listeners are bound, so a failed start leaves no
+        // background job holding the leader lock.
+        let usage = Arc::new(UsageFlusher::new(usage, store.clone()));
+        tasks.push(usage.clone().spawn(FLUSH_INTERVAL, shutdown.clone()));
+        let lifecycle = Lifecycle::new(
+            store.clone(),
+            admin_config.clone(),
+            clock,
+            LifecycleOptions::default(),
+        );
+        tasks.push(lifecycle.spawn(shutdown.clone()));
         let admin_shutdown = shutdown.clone();
         let router = admin::router(admin_state);
         tasks.push(tokio::spawn(async move {
@@ -128,6 +145,8 @@ impl Server {
             gateway,
             store,
             cache,
+            usage,
+            lifecycle,
             admin_config,
             shutdown,
             tasks: std::sync::Mutex::new(tasks),
@@ -184,6 +203,10 @@ impl Server {
         });
         if let Err(e) = joined.await {
             tracing::error!(error = %e, "could not join the proxy workers");
+        }
+        // Requests have drained: write the last usage counts.
+        if let Err(e) = self.usage.flush().await {
+            tracing::error!(error = %e, "final usage flush failed; the last counts are lost");
         }
     }
 }
@@ -267,9 +290,7 @@ fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartErro
 /// Runs `keygate serve`: starts, handles signals, reloads, drains on exit.
 pub async fn serve(config_path: PathBuf, cfg: Config) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
-    let server = Server::start(cfg, shutdown.clone()).await?;
-    announce(&server);
-    let server = Arc::new(server);
+    let server = Arc::new(Server::start(cfg, shutdown.clone()).await?);
     crate::signals::spawn(shutdown.clone(), {
         let server = server.clone();
         move || match config::load(&config_path) {
@@ -277,6 +298,7 @@ pub async fn serve(config_path: PathBuf, cfg: Config) -> Result<(), StartError> 
             Err(e) => tracing::error!("config reload rejected, keeping the old config: {e}"),
         }
     });
+    announce(&server);
     shutdown.cancelled().await;
     tracing::info!("shutting down: finishing requests in flight");
     server.wait().await;

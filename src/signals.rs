@@ -5,18 +5,19 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Listens for signals until `shutdown` fires. `reload` runs on each SIGHUP.
+///
+/// The handlers are installed before this returns, so a signal that arrives
+/// right after keygate announces itself is handled rather than fatal.
 pub fn spawn(shutdown: CancellationToken, reload: impl Fn() + Send + 'static) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; only kill -9 will stop keygate");
+        return;
+    };
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            tracing::error!(
-                "cannot install signal handlers; use the admin API or kill to stop keygate"
-            );
-            return;
-        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

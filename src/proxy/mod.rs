@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{Config, RouteAuth};
 use crate::error::GatewayError;
+use crate::lifecycle::usage::{Outcome, UsageRecorder};
 use body::{LimitedBody, ProxyBody};
 use headers::X_REQUEST_ID;
 use route::{Route, RouteTable};
@@ -54,6 +55,8 @@ struct Shared {
     compiled: ArcSwap<Compiled>,
     auth: Authenticator,
     ids: RequestIds,
+    /// Usage counters (in memory; flushed to the store by `lifecycle`).
+    usage: Arc<UsageRecorder>,
 }
 
 /// The data plane. Each runtime that serves requests gets its own `Gateway`
@@ -65,12 +68,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, auth: Authenticator) -> Gateway {
+    pub fn new(config: Arc<Config>, auth: Authenticator, usage: Arc<UsageRecorder>) -> Gateway {
         let client = forward::build_client(&config.limits);
         let shared = Shared {
             compiled: ArcSwap::from_pointee(Compiled::new(config)),
             auth,
             ids: RequestIds::new(),
+            usage,
         };
         Gateway {
             shared: Arc::new(shared),
@@ -101,6 +105,11 @@ impl Gateway {
         &self.shared.auth
     }
 
+    /// The usage counters every worker records into.
+    pub fn usage(&self) -> &Arc<UsageRecorder> {
+        &self.shared.usage
+    }
+
     /// Handles one request; never fails (errors become problem+json answers).
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let request_id = self.shared.ids.for_request(req.headers());
@@ -125,7 +134,8 @@ impl Gateway {
         check_declared_length(&req, route)?;
         let (principal, credential_header) = self.authenticate(config, route, &req).await?;
         if let Some(key) = &principal {
-            auth::authorize(key, &route.config, req.method())?;
+            auth::authorize(key, &route.config, req.method())
+                .inspect_err(|_| self.shared.usage.record(&key.record.id, Outcome::Denied))?;
         }
         let (upstream_req, tripped) = rewrite_request(
             req,
@@ -140,6 +150,9 @@ impl Gateway {
                 normalized_path: normalized.as_deref(),
             },
         )?;
+        if let Some(key) = &principal {
+            self.shared.usage.record(&key.record.id, Outcome::Allowed);
+        }
         let resp = forward::forward(&self.client, upstream_req, route.config.timeout).await;
         let resp = resp.map_err(|e| match tripped.load(Ordering::Acquire) {
             true => GatewayError::PayloadTooLarge {
@@ -179,12 +192,13 @@ fn find_route<'a>(
     if uri_len(req.uri()) > compiled.config.limits.max_uri_bytes {
         return Err(GatewayError::UriTooLong);
     }
+    check_host_header(req)?;
     let normalized = route::normalize_path(req.uri().path()).map_err(|_| GatewayError::BadPath)?;
     let path = normalized.as_deref().unwrap_or(req.uri().path());
     let host = request_host(req);
     let route = compiled
         .routes
-        .find(host.as_deref(), path)
+        .find(host, path)
         .ok_or(GatewayError::NoRoute)?;
     Ok((route, normalized))
 }
@@ -194,21 +208,34 @@ fn uri_len(uri: &Uri) -> usize {
     pq + uri.authority().map_or(0, |a| a.as_str().len())
 }
 
-/// The host the client addressed, lower-case and without port: the URI's
-/// authority (HTTP/2, absolute-form) or else the `Host` header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host(),
+/// The host the client addressed, without port: the URI's authority (HTTP/2,
+/// absolute-form) or else the `Host` header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.host()),
         None => {
             let h = req.headers().get(header::HOST)?.to_str().ok()?;
             // Strip a port, keeping IPv6 literals intact.
-            match h.rfind(':') {
+            Some(match h.rfind(':') {
                 Some(i) if !h[i..].contains(']') => &h[..i],
                 _ => h,
-            }
+            })
         }
-    };
-    Some(raw.to_ascii_lowercase())
+    }
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one `Host`; no
+/// request may carry two (they could route differently here and upstream).
+fn check_host_header(req: &Request<Incoming>) -> Result<(), GatewayError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::BadRequest("more than one Host header"));
+    }
+    if first.is_none() && req.version() == Version::HTTP_11 && req.uri().authority().is_none() {
+        return Err(GatewayError::BadRequest("an HTTP/1.1 request needs a Host header"));
+    }
+    Ok(())
 }
 
 /// Refuses a declared body over the route's limit before anything is forwarded.

@@ -89,14 +89,23 @@ impl RouteTable {
         table
     }
 
-    /// Finds the route for `host` (lower-case, without port) and a normalized path.
+    /// Finds the route for `host` (as sent: any case, without port) and a
+    /// normalized path. The host is only looked at when host routes exist.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        let by_host = host
-            .and_then(|h| self.by_host.get(h))
-            .and_then(|g| g.find(path));
-        by_host
-            .or_else(|| self.any_host.find(path))
-            .map(|i| &self.routes[i])
+        let by_host = match host {
+            Some(h) if !self.by_host.is_empty() => {
+                let group = match self.by_host.get(h) {
+                    Some(g) => Some(g),
+                    None if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+                        self.by_host.get(&h.to_ascii_lowercase())
+                    }
+                    None => None,
+                };
+                group.and_then(|g| g.find(path))
+            }
+            _ => None,
+        };
+        by_host.or_else(|| self.any_host.find(path)).map(|i| &self.routes[i])
     }
 
     pub fn len(&self) -> usize {
