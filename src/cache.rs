@@ -58,10 +58,11 @@ impl CachedKey {
 }
 
 /// Makes a header value from user-controlled text (key names, owners):
-/// visible ASCII passes as is, anything else is percent-encoded.
+/// visible ASCII passes as is; anything else, and `%` itself, is percent-encoded
+/// (so the value always decodes back to the original).
 pub fn text_header(s: &str) -> HeaderValue {
     if let Ok(v) = HeaderValue::from_str(s)
-        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%')
     {
         return v;
     }
@@ -132,10 +133,22 @@ pub struct KeyCache {
     ttl: Duration,
     stale_if_error: Duration,
     invalidations: Mutex<broadcast::Receiver<Invalidation>>,
+    /// Held while a batch of invalidations is taken and applied, so a request
+    /// never slips between the two and sees an entry about to be dropped.
+    drain_lock: tokio::sync::Mutex<()>,
+    draining: AtomicBool,
     generation: AtomicU64,
     api_keys_enabled: AtomicBool,
+    /// Until when (ms since `epoch`) the store counts as down after a failed
+    /// read; 0 when it answered last. While it is down, lookups answer as the
+    /// failed read did (stale entry or error) instead of each trying again.
+    store_down_until: AtomicU64,
+    epoch: Instant,
     pub stats: CacheStats,
 }
+
+/// How long a failed store read stands for the next lookups.
+const OUTAGE_BACKOFF: Duration = Duration::from_millis(500);
 
 impl KeyCache {
     pub fn new(store: SharedStore, cfg: &CacheConfig) -> KeyCache {
@@ -152,8 +165,12 @@ impl KeyCache {
             store,
             ttl: cfg.ttl,
             stale_if_error: cfg.stale_if_error,
+            drain_lock: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
+            store_down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
             stats: CacheStats::default(),
         }
     }
@@ -211,8 +228,23 @@ impl KeyCache {
                     Some(Entry::Missing) => return Ok(Op::Nop),
                     _ => {}
                 }
+                if self.store_down() {
+                    // A read failed moments ago (perhaps for the request queued
+                    // ahead of this one on this key): answer as it did.
+                    return match current {
+                        Some(Entry::Found(k)) if k.fetched.elapsed() < stale_limit => {
+                            self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                            Ok(Op::Nop)
+                        }
+                        _ => Err(StoreError::Unavailable(
+                            "the key store failed moments ago".into(),
+                        )),
+                    };
+                }
                 self.count_read();
-                match self.store.get_by_hash(hash).await {
+                let read = self.store.get_by_hash(hash).await;
+                self.set_store_down(read.is_err());
+                match read {
                     Ok(Some(rec)) => Ok(Op::Put(Entry::Found(Arc::new(CachedKey::new(rec))))),
                     Ok(None) => Ok(Op::Put(Entry::Missing)),
                     Err(e) => {
@@ -242,6 +274,24 @@ impl KeyCache {
         })
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn store_down(&self) -> bool {
+        self.now_ms() < self.store_down_until.load(Ordering::Acquire)
+    }
+
+    fn set_store_down(&self, down: bool) {
+        let until = match down {
+            true => self
+                .now_ms()
+                .saturating_add(OUTAGE_BACKOFF.as_millis() as u64),
+            false => 0,
+        };
+        self.store_down_until.store(until, Ordering::Release);
+    }
+
     fn count_read(&self) {
         self.stats.store_reads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keygate_store_reads_total").increment(1);
@@ -254,12 +304,14 @@ impl KeyCache {
             Ok(rx) => !rx.is_empty(),
             Err(_) => true,
         };
-        if pending {
+        if pending || self.draining.load(Ordering::Acquire) {
             self.drain().await;
         }
     }
 
     async fn drain(&self) {
+        let _guard = self.drain_lock.lock().await;
+        self.draining.store(true, Ordering::Release);
         let mut batch = Vec::new();
         {
             let mut rx = match self.invalidations.lock() {
@@ -277,6 +329,7 @@ impl KeyCache {
         for msg in batch {
             self.apply(msg).await;
         }
+        self.draining.store(false, Ordering::Release);
     }
 
     async fn apply(&self, msg: Invalidation) {

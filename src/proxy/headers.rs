@@ -36,8 +36,23 @@ pub static X_KEYGATE_ACCESS: HeaderName = HeaderName::from_static("x-keygate-acc
 
 /// Removes hop-by-hop headers, and every header named in `Connection`.
 /// `Transfer-Encoding` is framing: hyper owns it on both sides.
+///
+/// One scan of the (few) present names first: most messages carry no
+/// hop-by-hop header, and a scan is much cheaper than a hashed `remove` per
+/// candidate name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let mut found = false;
+    let mut listed_by_connection = false;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found = true;
+            listed_by_connection |= name == header::CONNECTION;
+        }
+    }
+    if !found {
+        return;
+    }
+    if listed_by_connection {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -53,6 +68,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::TRANSFER_ENCODING);
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TRANSFER_ENCODING || HOP_BY_HOP.iter().any(|h| h == name)
 }
 
 /// Removes every `X-Keygate-*` header (clients must not forge identity).

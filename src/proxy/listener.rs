@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::framing::{FramingGuard, Verdicts};
 use super::{ConnInfo, Gateway};
 use crate::config::{LimitsConfig, TlsConfig};
 
@@ -114,10 +115,13 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        let verdicts = Verdicts::default();
         let conn = Arc::new(ConnInfo {
             peer,
             https: tls.is_some(),
+            verdicts: verdicts.clone(),
         });
+        let max_head = limits.max_header_bytes;
         let watcher = graceful.watcher();
         let gateway = gateway.clone();
         let builder = builder.clone();
@@ -132,6 +136,7 @@ pub async fn serve(
             });
             match tls {
                 None => {
+                    let stream = FramingGuard::new(stream, max_head, verdicts);
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     finish(watcher.watch(conn.into_owned()).await);
                 }
@@ -140,6 +145,7 @@ pub async fn serve(
                     else {
                         return;
                     };
+                    let tls_stream = FramingGuard::new(tls_stream, max_head, verdicts);
                     let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
                     finish(watcher.watch(conn.into_owned()).await);
                 }
