@@ -10,7 +10,8 @@
 # and prints medians and ratios to the nginx proxy. With --write the table is
 # appended to BENCHMARKS.md. Everything listens on 127.0.0.1 only.
 #
-# Environment: KEYGATE_WORKERS (keygate's worker threads, default: all cores).
+# Environment: KEYGATE_WORKERS (proxy worker threads on SO_REUSEPORT; default:
+# one multi-threaded runtime), KEYGATE_BIN (use this binary instead of building).
 set -euo pipefail
 
 ROUNDS=5
@@ -37,9 +38,13 @@ if ! need wrk || ! need nginx; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-echo "building keygate (profile perf: fat LTO, one codegen unit)..." >&2
-cargo build --profile perf -q
-KEYGATE="$ROOT/target/perf/keygate"
+if [ -n "${KEYGATE_BIN:-}" ]; then
+  KEYGATE=$KEYGATE_BIN
+else
+  echo "building keygate (profile perf: fat LTO, one codegen unit)..." >&2
+  cargo build --profile perf -q
+  KEYGATE="$ROOT/target/perf/keygate"
+fi
 
 WORK=$(mktemp -d)
 PIDS=()

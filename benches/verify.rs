@@ -13,7 +13,7 @@ use keygate::cache::KeyCache;
 use keygate::config::CacheConfig;
 use keygate::keys::{self, Access, KeyId, KeyRecord, SystemClock, Token, TokenHash};
 use keygate::store::embedded::EmbeddedStore;
-use keygate::store::{Event, EventType, KeyStore, SharedStore};
+use keygate::store::{Event, EventType, SharedStore};
 
 fn record(token: &Token) -> KeyRecord {
     let now = Utc::now();
@@ -64,8 +64,15 @@ fn bench(c: &mut Criterion) {
     let store: SharedStore =
         Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).expect("open store"));
     let rec = record(&token);
-    let event = Event::new(EventType::KeyCreated, Some(rec.id.clone()), "bench", Utc::now(), serde_json::json!({}));
-    rt.block_on(store.create_key(&rec, 1000, &event)).expect("create key");
+    let event = Event::new(
+        EventType::KeyCreated,
+        Some(rec.id.clone()),
+        "bench",
+        Utc::now(),
+        serde_json::json!({}),
+    );
+    rt.block_on(store.create_key(&rec, 1000, &event))
+        .expect("create key");
     let cache = Arc::new(KeyCache::new(
         store,
         &CacheConfig {
@@ -75,12 +82,18 @@ fn bench(c: &mut Criterion) {
             stale_if_error: std::time::Duration::from_secs(300),
         },
     ));
-    let auth = Authenticator { cache, clock: Arc::new(SystemClock) };
-    rt.block_on(auth.verify("kg_", &secret)).expect("warm the cache");
+    let auth = Authenticator {
+        cache,
+        clock: Arc::new(SystemClock),
+    };
+    rt.block_on(auth.verify("kg_", &secret))
+        .expect("warm the cache");
 
     c.bench_function("verify on cache hit", |b| {
         b.to_async(&rt).iter(|| async {
-            auth.verify("kg_", std::hint::black_box(&secret)).await.expect("valid key")
+            auth.verify("kg_", std::hint::black_box(&secret))
+                .await
+                .expect("valid key")
         })
     });
 }

@@ -14,11 +14,14 @@
 pub mod admin;
 pub mod auth;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod lifecycle;
 pub mod proxy;
 pub mod quickstart;
+pub mod ratelimit;
 pub mod server;
 pub mod signals;
 pub mod store;

@@ -43,6 +43,8 @@ enum Command {
     },
     /// Read a token on stdin and print its SHA-256 hex (for admin.tokens[].sha256).
     HashToken,
+    /// Manage API keys through the admin API.
+    Keys(Box<keygate::cli::KeysCommand>),
 }
 
 /// Exit codes of DESIGN.md section 1.
@@ -72,6 +74,27 @@ fn main() -> ExitCode {
             keygate::telemetry::init();
             run(keygate::quickstart::run(data_dir))
         }
+        Command::Keys(cmd) => keys(*cmd),
+    }
+}
+
+/// `keygate keys ...`: one admin API client call on a current-thread runtime.
+fn keys(cmd: keygate::cli::KeysCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                EXIT_RUNTIME,
+                &format!("cannot start the async runtime: {e}"),
+            );
+        }
+    };
+    match runtime.block_on(keygate::cli::run(cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.exit_code(), &e.to_string()),
     }
 }
 

@@ -22,6 +22,7 @@ use crate::keys::{Clock, SystemClock};
 use crate::lifecycle::usage::FLUSH_INTERVAL;
 use crate::lifecycle::{Lifecycle, LifecycleOptions, UsageFlusher, UsageRecorder};
 use crate::proxy::{Gateway, listener};
+use crate::ratelimit::RateLimits;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
 use crate::store::{SharedStore, StoreError};
@@ -93,7 +94,13 @@ impl Server {
             clock: clock.clone(),
         };
         let usage = Arc::new(UsageRecorder::new(clock.clone()));
-        let gateway = Arc::new(Gateway::new(cfg.clone(), auth, usage.clone()));
+        let limits = Arc::new(RateLimits::from_config(&cfg));
+        let gateway = Arc::new(Gateway::new(
+            cfg.clone(),
+            auth,
+            usage.clone(),
+            limits.clone(),
+        ));
         let admin_config = Arc::new(ArcSwap::new(cfg.clone()));
         let admin_state = Arc::new(AdminState {
             store: store.clone(),
@@ -101,7 +108,10 @@ impl Server {
             clock: clock.clone(),
         });
 
-        let mut tasks = vec![cache.clone().spawn_maintenance(shutdown.clone())];
+        let mut tasks = vec![
+            cache.clone().spawn_maintenance(shutdown.clone()),
+            limits.spawn_maintenance(shutdown.clone()),
+        ];
         let (proxy_addr, threads) = match workers_from_env() {
             None => {
                 let proxy_listener = bind(cfg.listen).await?;
@@ -126,11 +136,14 @@ impl Server {
             store.clone(),
             admin_config.clone(),
             clock,
-            LifecycleOptions::default(),
+            LifecycleOptions::for_config(&cfg),
         );
         tasks.push(lifecycle.spawn(shutdown.clone()));
         let admin_shutdown = shutdown.clone();
-        let router = admin::router(admin_state);
+        let router = admin::layered(
+            admin::api_routes(admin_state).merge(crate::telemetry::metrics_routes()),
+        );
+        tasks.push(crate::telemetry::spawn_metrics_upkeep(shutdown.clone()));
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(admin_listener, router)
                 .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
@@ -161,6 +174,11 @@ impl Server {
         if new.listen != old.listen || new.admin.listen != old.admin.listen {
             tracing::warn!(
                 "listener addresses changed in the config; they take effect after a restart"
+            );
+        }
+        if new.rate_limit.backend != old.rate_limit.backend {
+            tracing::warn!(
+                "rate_limit.backend changed in the config; it takes effect after a restart"
             );
         }
         if new.store.backend != old.store.backend {

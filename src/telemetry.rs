@@ -26,3 +26,62 @@ pub fn init() {
         eprintln!("keygate: a logger was already installed; keeping it");
     }
 }
+
+/// The process-wide Prometheus recorder, installed on first use. (The
+/// `metrics` facade has one global recorder per process; tests start several
+/// servers in one process, so this hands out the same handle to each.)
+pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// `GET /metrics` on the admin listener: Prometheus text format, no token.
+pub fn metrics_routes() -> axum::Router {
+    use axum::routing::get;
+    let handle = metrics_handle();
+    axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                let body = handle.map(|h| h.render()).unwrap_or_default();
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
+/// Runs the recorder's upkeep (histogram buckets) until `shutdown`.
+pub fn spawn_metrics_upkeep(
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(handle) = metrics_handle() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => handle.run_upkeep(),
+            }
+        }
+    })
+}

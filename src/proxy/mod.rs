@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod framing;
 pub mod headers;
 pub mod listener;
 pub mod route;
@@ -26,6 +27,7 @@ use crate::auth::{self, Authenticator, Principal};
 use crate::config::{Config, RouteAuth};
 use crate::error::GatewayError;
 use crate::lifecycle::usage::{Outcome, UsageRecorder};
+use crate::ratelimit::{self, RateHeaders, RateLimits};
 use body::{LimitedBody, ProxyBody};
 use headers::X_REQUEST_ID;
 use route::{Route, RouteTable};
@@ -48,6 +50,8 @@ impl Compiled {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub https: bool,
+    /// Framing verdicts for this connection's HTTP/1 requests, in order.
+    pub verdicts: framing::Verdicts,
 }
 
 /// State every worker shares: the live config and the authenticator.
@@ -57,6 +61,8 @@ struct Shared {
     ids: RequestIds,
     /// Usage counters (in memory; flushed to the store by `lifecycle`).
     usage: Arc<UsageRecorder>,
+    /// Key, route and failed-authentication limits.
+    limits: Arc<RateLimits>,
 }
 
 /// The data plane. Each runtime that serves requests gets its own `Gateway`
@@ -68,13 +74,19 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, auth: Authenticator, usage: Arc<UsageRecorder>) -> Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        auth: Authenticator,
+        usage: Arc<UsageRecorder>,
+        limits: Arc<RateLimits>,
+    ) -> Gateway {
         let client = forward::build_client(&config.limits);
         let shared = Shared {
             compiled: ArcSwap::from_pointee(Compiled::new(config)),
             auth,
             ids: RequestIds::new(),
             usage,
+            limits,
         };
         Gateway {
             shared: Arc::new(shared),
@@ -110,16 +122,27 @@ impl Gateway {
         &self.shared.usage
     }
 
+    /// The rate limits every worker applies.
+    pub fn rate_limits(&self) -> &Arc<RateLimits> {
+        &self.shared.limits
+    }
+
     /// Handles one request; never fails (errors become problem+json answers).
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let request_id = self.shared.ids.for_request(req.headers());
-        match self.proxy(req, conn, &request_id).await {
+        let mut rate = None;
+        let mut resp = match self.proxy(req, conn, &request_id, &mut rate).await {
             Ok(mut resp) => {
                 resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
                 resp
             }
             Err(e) => problem(&e, &request_id),
+        };
+        // Once the rate-limit stage ran, every answer carries its fields.
+        if let Some(h) = rate {
+            h.apply(resp.headers_mut());
         }
+        resp
     }
 
     async fn proxy(
@@ -127,15 +150,24 @@ impl Gateway {
         req: Request<Incoming>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
+        rate: &mut Option<RateHeaders>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
+        check_framing(&req, conn)?;
         let compiled = self.shared.compiled.load_full();
         let config = &compiled.config;
         let (route, normalized) = find_route(&compiled, &req)?;
         check_declared_length(&req, route)?;
-        let (principal, credential_header) = self.authenticate(config, route, &req).await?;
+        let (principal, credential_header) = self.authenticate(config, route, &req, conn).await?;
         if let Some(key) = &principal {
             auth::authorize(key, &route.config, req.method())
                 .inspect_err(|_| self.shared.usage.record(&key.record.id, Outcome::Denied))?;
+            self.rate_limit(config, route, key, rate)
+                .await
+                .inspect_err(|_| {
+                    self.shared
+                        .usage
+                        .record(&key.record.id, Outcome::RateLimited)
+                })?;
         }
         let (upstream_req, tripped) = rewrite_request(
             req,
@@ -170,6 +202,7 @@ impl Gateway {
         config: &Config,
         route: &Route,
         req: &Request<Incoming>,
+        conn: &ConnInfo,
     ) -> Result<(Option<Principal>, Option<HeaderName>), GatewayError> {
         if route.config.auth == RouteAuth::None {
             return Ok((None, None));
@@ -178,10 +211,46 @@ impl Gateway {
         if !auth.cache.api_keys_enabled() {
             return Err(GatewayError::ApiKeysDisabled);
         }
-        let credential = auth::extract(req.headers(), &config.keys.headers)?;
-        let key = auth.verify(&config.keys.prefix, credential.token).await?;
-        Ok((Some(key), Some(credential.header.clone())))
+        // An address that keeps failing is refused before its key is looked at.
+        let limits = &self.shared.limits;
+        let rl = &config.rate_limit;
+        let ip = ratelimit::client_ip(conn.peer.ip(), req.headers(), &rl.trusted_proxies);
+        limits.check_failures(ip, rl.failed_auth_per_ip_per_minute)?;
+        let verified: Result<_, GatewayError> = async {
+            let credential = auth::extract(req.headers(), &config.keys.headers)?;
+            let key = auth.verify(&config.keys.prefix, credential.token).await?;
+            Ok((Some(key), Some(credential.header.clone())))
+        }
+        .await;
+        verified.inspect_err(|e| limits.record_failure(ip, rl.failed_auth_per_ip_per_minute, e))
     }
+
+    /// Rate-limit stage: the key's own limit (or the default) and the route's,
+    /// from the live config and the cached key.
+    async fn rate_limit(
+        &self,
+        config: &Config,
+        route: &Route,
+        key: &Principal,
+        headers: &mut Option<RateHeaders>,
+    ) -> Result<(), GatewayError> {
+        let spec = key.record.rate_limit.unwrap_or(config.rate_limit.default);
+        let route_limit = route.config.rate_limit.map(|s| (&route.name, s));
+        let decision = self.shared.limits.check(&key.record.id, spec, route_limit);
+        decision.await.finish(headers)
+    }
+}
+
+/// Accept stage: a request whose head had both Content-Length and
+/// Transfer-Encoding is refused (see [`framing`]); hyper closes the connection.
+fn check_framing(req: &Request<Incoming>, conn: &ConnInfo) -> Result<(), GatewayError> {
+    let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
+    if http1 && conn.verdicts.next_conflicted() {
+        return Err(GatewayError::BadRequest(
+            "Content-Length together with Transfer-Encoding",
+        ));
+    }
+    Ok(())
 }
 
 /// Route stage: normalizes the path and finds the route for host + path.
@@ -233,7 +302,9 @@ fn check_host_header(req: &Request<Incoming>) -> Result<(), GatewayError> {
         return Err(GatewayError::BadRequest("more than one Host header"));
     }
     if first.is_none() && req.version() == Version::HTTP_11 && req.uri().authority().is_none() {
-        return Err(GatewayError::BadRequest("an HTTP/1.1 request needs a Host header"));
+        return Err(GatewayError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        ));
     }
     Ok(())
 }

@@ -105,7 +105,9 @@ impl RouteTable {
             }
             _ => None,
         };
-        by_host.or_else(|| self.any_host.find(path)).map(|i| &self.routes[i])
+        by_host
+            .or_else(|| self.any_host.find(path))
+            .map(|i| &self.routes[i])
     }
 
     pub fn len(&self) -> usize {

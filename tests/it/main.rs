@@ -2,7 +2,11 @@
 //! harness in `common`.
 
 mod admin;
+mod auth;
 mod cli_config;
+mod cli_keys;
 mod common;
+mod lifecycle;
 mod proxy;
+mod ratelimit;
 mod store;
