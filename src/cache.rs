@@ -126,9 +126,40 @@ impl Expiry<TokenHash, Entry> for EntryExpiry {
     }
 }
 
+/// Hashing for maps keyed by [`TokenHash`]: the key already is a SHA-256
+/// digest, uniformly distributed and not choosable by a client, so its first
+/// eight bytes are as good a hash as SipHash of all 32, at a fraction of the
+/// cost on the hot path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DigestHasher;
+
+impl std::hash::BuildHasher for DigestHasher {
+    type Hasher = DigestState;
+    fn build_hasher(&self) -> DigestState {
+        DigestState(0)
+    }
+}
+
+/// See [`DigestHasher`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DigestState(u64);
+
+impl std::hash::Hasher for DigestState {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+    }
+}
+
 /// The key cache plus the cached settings (the kill switch).
 pub struct KeyCache {
-    cache: moka::future::Cache<TokenHash, Entry>,
+    cache: moka::future::Cache<TokenHash, Entry, DigestHasher>,
     store: SharedStore,
     ttl: Duration,
     stale_if_error: Duration,
@@ -158,7 +189,7 @@ impl KeyCache {
                 positive: cfg.ttl + cfg.stale_if_error,
                 negative: cfg.negative_ttl,
             })
-            .build();
+            .build_with_hasher(DigestHasher);
         KeyCache {
             cache,
             invalidations: Mutex::new(store.subscribe()),

@@ -42,7 +42,8 @@ impl Token {
             s.push(BASE62[rng.random_range(0..62)] as char);
         }
         let crc = crc32fast::hash(s.as_bytes());
-        s.push_str(&checksum_chars(crc));
+        // Every checksum byte comes from BASE62, so it is ASCII.
+        s.extend(checksum_chars(crc).iter().map(|&b| b as char));
         Token(s)
     }
 
@@ -101,11 +102,7 @@ pub fn check_format(prefix: &str, presented: &str) -> Result<(), FormatError> {
     }
     let body_len = prefix.len() + RANDOM_LEN;
     let expected = checksum_chars(crc32fast::hash(&presented.as_bytes()[..body_len]));
-    if expected
-        .as_bytes()
-        .ct_eq(&presented.as_bytes()[body_len..])
-        .into()
-    {
+    if expected[..].ct_eq(&presented.as_bytes()[body_len..]).into() {
         Ok(())
     } else {
         Err(FormatError::BadChecksum)
@@ -113,14 +110,14 @@ pub fn check_format(prefix: &str, presented: &str) -> Result<(), FormatError> {
 }
 
 /// CRC32 written as 6 base62 digits, most significant first, zero-padded.
-fn checksum_chars(mut crc: u32) -> String {
+/// (No allocation: the data plane runs this on every presented key.)
+fn checksum_chars(mut crc: u32) -> [u8; CHECKSUM_LEN] {
     let mut out = [b'0'; CHECKSUM_LEN];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(crc % 62) as usize];
         crc /= 62;
     }
-    // Every byte comes from BASE62, so this is ASCII.
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// SHA-256 of a whole token: the lookup key in the cache and the store.
