@@ -95,7 +95,7 @@ routes:
     Ok(())
 }
 
-/// Creates a demo key with scope `demo`, valid 30 days, owned by `quickstart`.
+/// Creates a demo key with scope `demo`, valid 90 days (past the default 30-day expiry notice), owned by `quickstart`.
 async fn demo_key(
     store: &SharedStore,
     cfg: &Config,
@@ -110,7 +110,7 @@ async fn demo_key(
         description: "created by keygate quickstart".to_owned(),
         scopes: vec![scope],
         access,
-        expires_at: Some(now + chrono::Duration::days(30)),
+        expires_at: Some(now + chrono::Duration::days(90)),
         rate_limit: None,
         metadata: Default::default(),
     };
