@@ -11,38 +11,16 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use keygate::auth::Authenticator;
 use keygate::cache::KeyCache;
 use keygate::config::CacheConfig;
-use keygate::keys::{self, Access, KeyId, KeyRecord, SystemClock, Token, TokenHash};
+use keygate::keys::{self, KeyRecord, SystemClock, Token, TokenHash};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::{Event, EventType, SharedStore};
 
 fn record(token: &Token) -> KeyRecord {
     let now = Utc::now();
-    KeyRecord {
-        id: KeyId::generate(),
-        name: "bench".into(),
-        description: String::new(),
-        owner: "bench".into(),
-        hint: token.hint("kg_"),
-        scopes: vec![keys::Scope::parse("bench").expect("valid scope")],
-        access: Access::Full,
-        rate_limit: None,
-        created_at: now,
-        created_by: "bench".into(),
-        updated_at: now,
-        expires_at: Some(now + chrono::Duration::days(1)),
-        revoked_at: None,
-        revoked_by: None,
-        revocation_reason: None,
-        suspended_at: None,
-        suspended_by: None,
-        last_used_at: None,
-        metadata: Default::default(),
-        token_hash: token.hash(),
-        retired: vec![],
-        expiry_notified_at: None,
-        expired_recorded_at: None,
-        version: 0,
-    }
+    let mut rec = KeyRecord::issue(token, "kg_", "bench", "bench", "bench", now);
+    rec.scopes = vec![keys::Scope::parse("bench").expect("valid scope")];
+    rec.expires_at = Some(now + chrono::Duration::days(1));
+    rec
 }
 
 fn bench(c: &mut Criterion) {

@@ -366,6 +366,44 @@ pub enum Refusal {
 }
 
 impl KeyRecord {
+    /// A new active record for the secret `token`: full access, no scopes,
+    /// no expiry, nothing revoked or suspended. Callers set what differs.
+    pub fn issue(
+        token: &Token,
+        prefix: &str,
+        name: &str,
+        owner: &str,
+        created_by: &str,
+        now: DateTime<Utc>,
+    ) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::generate(),
+            name: name.to_owned(),
+            description: String::new(),
+            owner: owner.to_owned(),
+            hint: token.hint(prefix),
+            scopes: Vec::new(),
+            access: Access::Full,
+            rate_limit: None,
+            created_at: now,
+            created_by: created_by.to_owned(),
+            updated_at: now,
+            expires_at: None,
+            revoked_at: None,
+            revoked_by: None,
+            revocation_reason: None,
+            suspended_at: None,
+            suspended_by: None,
+            last_used_at: None,
+            metadata: Default::default(),
+            token_hash: token.hash(),
+            retired: Vec::new(),
+            expiry_notified_at: None,
+            expired_recorded_at: None,
+            version: 0,
+        }
+    }
+
     /// Status, first that applies: revoked, suspended, expired, active.
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         if self.revoked_at.is_some() {
@@ -612,33 +650,9 @@ mod tests {
     }
 
     pub(crate) fn record(now: DateTime<Utc>) -> KeyRecord {
-        let t = Token::generate("kg_");
-        KeyRecord {
-            id: KeyId::generate(),
-            name: "test".into(),
-            description: String::new(),
-            owner: "ops".into(),
-            hint: t.hint("kg_"),
-            scopes: vec![],
-            access: Access::Full,
-            rate_limit: None,
-            created_at: now,
-            created_by: "ops".into(),
-            updated_at: now,
-            expires_at: Some(now + Duration::days(1)),
-            revoked_at: None,
-            revoked_by: None,
-            revocation_reason: None,
-            suspended_at: None,
-            suspended_by: None,
-            last_used_at: None,
-            metadata: Default::default(),
-            token_hash: t.hash(),
-            retired: vec![],
-            expiry_notified_at: None,
-            expired_recorded_at: None,
-            version: 0,
-        }
+        let mut r = KeyRecord::issue(&Token::generate("kg_"), "kg_", "test", "ops", "ops", now);
+        r.expires_at = Some(now + Duration::days(1));
+        r
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::auth::Caller;
 use super::extract::Fields;
 use crate::config::{KeysConfig, parse_duration};
 use crate::error::AdminError;
-use crate::keys::{Access, KeyId, KeyRecord, RateLimitSpec, Scope, Token};
+use crate::keys::{Access, KeyRecord, RateLimitSpec, Scope, Token};
 
 /// Fields accepted by `POST /v1/keys`.
 pub const CREATE_FIELDS: &[&str] = &[
@@ -106,32 +106,14 @@ impl NewKey {
         actor: &str,
         now: DateTime<Utc>,
     ) -> KeyRecord {
-        KeyRecord {
-            id: KeyId::generate(),
-            name: self.name,
-            description: self.description,
-            owner: self.owner,
-            hint: token.hint(prefix),
-            scopes: self.scopes,
-            access: self.access,
-            rate_limit: self.rate_limit,
-            created_at: now,
-            created_by: actor.to_owned(),
-            updated_at: now,
-            expires_at: self.expires_at,
-            revoked_at: None,
-            revoked_by: None,
-            revocation_reason: None,
-            suspended_at: None,
-            suspended_by: None,
-            last_used_at: None,
-            metadata: self.metadata,
-            token_hash: token.hash(),
-            retired: Vec::new(),
-            expiry_notified_at: None,
-            expired_recorded_at: None,
-            version: 0,
-        }
+        let mut rec = KeyRecord::issue(token, prefix, &self.name, &self.owner, actor, now);
+        rec.description = self.description;
+        rec.scopes = self.scopes;
+        rec.access = self.access;
+        rec.rate_limit = self.rate_limit;
+        rec.expires_at = self.expires_at;
+        rec.metadata = self.metadata;
+        rec
     }
 }
 

@@ -222,36 +222,10 @@ pub fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{Access, Refusal};
+    use crate::keys::Refusal;
 
     fn record(now: DateTime<Utc>) -> KeyRecord {
-        let t = Token::generate("kg_");
-        KeyRecord {
-            id: KeyId::generate(),
-            name: "k".into(),
-            description: String::new(),
-            owner: "ops".into(),
-            hint: t.hint("kg_"),
-            scopes: vec![],
-            access: Access::Full,
-            rate_limit: None,
-            created_at: now,
-            created_by: "ops".into(),
-            updated_at: now,
-            expires_at: None,
-            revoked_at: None,
-            revoked_by: None,
-            revocation_reason: None,
-            suspended_at: None,
-            suspended_by: None,
-            last_used_at: None,
-            metadata: Default::default(),
-            token_hash: t.hash(),
-            retired: vec![],
-            expiry_notified_at: None,
-            expired_recorded_at: None,
-            version: 0,
-        }
+        KeyRecord::issue(&Token::generate("kg_"), "kg_", "k", "ops", "ops", now)
     }
 
     #[test]

@@ -219,36 +219,12 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{Access, KeyId, Token};
+    use crate::keys::Token;
 
     fn rec(now: DateTime<Utc>, expires_in: chrono::Duration) -> KeyRecord {
-        let t = Token::generate("kg_");
-        KeyRecord {
-            id: KeyId::generate(),
-            name: "k".into(),
-            description: String::new(),
-            owner: "ops".into(),
-            hint: t.hint("kg_"),
-            scopes: vec![],
-            access: Access::Full,
-            rate_limit: None,
-            created_at: now,
-            created_by: "ops".into(),
-            updated_at: now,
-            expires_at: Some(now + expires_in),
-            revoked_at: None,
-            revoked_by: None,
-            revocation_reason: None,
-            suspended_at: None,
-            suspended_by: None,
-            last_used_at: None,
-            metadata: Default::default(),
-            token_hash: t.hash(),
-            retired: vec![],
-            expiry_notified_at: None,
-            expired_recorded_at: None,
-            version: 0,
-        }
+        let mut r = KeyRecord::issue(&Token::generate("kg_"), "kg_", "k", "ops", "ops", now);
+        r.expires_at = Some(now + expires_in);
+        r
     }
 
     const DAY: Duration = Duration::from_secs(86_400);
