@@ -980,20 +980,22 @@ async fn usage_adds_up_and_last_used_never_goes_back(h: Harness) {
 
 async fn leader_lock_is_exclusive_renewable_and_expires(h: Harness) {
     let store = &*h.store;
-    let ttl = Duration::from_millis(400);
+    // Margins of 500 ms either side of every expiry, so a slow fsync on a
+    // loaded machine cannot flip an assertion.
+    let ttl = Duration::from_millis(1500);
     assert!(
         store.try_lead("a", ttl).await.unwrap(),
         "free lock is taken"
     );
     assert!(!store.try_lead("b", ttl).await.unwrap(), "held by a");
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(store.try_lead("a", ttl).await.unwrap(), "holder renews");
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
         !store.try_lead("b", ttl).await.unwrap(),
         "renewal extended the lease"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
         store.try_lead("b", ttl).await.unwrap(),
         "expired lease is taken over"
