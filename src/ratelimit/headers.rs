@@ -20,11 +20,18 @@
 //! again.
 //!
 //! The policy field depends only on the specs, so its value is built once per
-//! (key spec, route spec) pair and cached; the `RateLimit` value is written
-//! into a stack buffer, costing one small copy into the `HeaderValue`.
+//! (key spec, route spec) pair and cached, the first [`INTERN_MAX`] of them as
+//! static values whose clones cost no reference count. `RateLimit` values
+//! with small numbers (`r` < 256, `t` < 4: every value of a limit with a
+//! burst up to 256 that refills within 4 s, the default included) come from a
+//! table filled on first use ([`CurrentTable`]); others are written into a
+//! stack buffer and copied into the `HeaderValue`.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -39,6 +46,9 @@ pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// Past this many cached policy values the cache is emptied on the next sweep
 /// (keys may carry any spec, so the number of pairs is unbounded in principle).
 const POLICY_CACHE_MAX: usize = 10_000;
+/// At most this many policy strings are leaked to make static values (about
+/// 60 bytes each); later ones are ordinary reference-counted values.
+pub const INTERN_MAX: usize = 1024;
 
 /// Which quota policy an item describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,10 +158,59 @@ fn write_u64(out: &mut [u8], mut v: u64) -> usize {
     len
 }
 
+/// Leaks `v`'s bytes to make a value whose clones copy a pointer. Callers
+/// bound how often this happens.
+fn make_static(v: HeaderValue) -> HeaderValue {
+    let text: &'static [u8] = Box::leak(v.as_bytes().to_vec().into_boxed_slice());
+    HeaderValue::from_maybe_shared(Bytes::from_static(text)).unwrap_or(v)
+}
+
+const TABLE_REMAINING: u32 = 256;
+const TABLE_RESET: u64 = 4;
+
+/// `RateLimit` values for small `r` and `t`, each made once (and leaked, at
+/// most 2 x 256 x 4 values of about 20 bytes) the first time it is needed.
+pub struct CurrentTable {
+    slots: Box<[OnceLock<HeaderValue>]>,
+}
+
+impl Default for CurrentTable {
+    fn default() -> Self {
+        let n = 2 * TABLE_REMAINING as usize * TABLE_RESET as usize;
+        CurrentTable {
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+impl CurrentTable {
+    /// The `RateLimit` value for `policy` with `remaining` units left and a
+    /// full quota again after `reset`.
+    pub fn get(&self, policy: Policy, remaining: u32, reset: Duration) -> HeaderValue {
+        let t = ceil_secs(reset);
+        if remaining >= TABLE_REMAINING || t >= TABLE_RESET {
+            return current_value(policy, remaining, reset);
+        }
+        let p = match policy {
+            Policy::Key => 0,
+            Policy::Route => 1,
+        };
+        let i =
+            (p * TABLE_REMAINING as usize + remaining as usize) * TABLE_RESET as usize + t as usize;
+        match self.slots.get(i) {
+            Some(slot) => slot
+                .get_or_init(|| make_static(current_value(policy, remaining, reset)))
+                .clone(),
+            None => current_value(policy, remaining, reset),
+        }
+    }
+}
+
 /// Policy values by (key spec, route spec), built on first use.
 #[derive(Default)]
 pub struct PolicyCache {
     values: DashMap<(RateLimitSpec, Option<RateLimitSpec>), HeaderValue, FastHash>,
+    interned: AtomicUsize,
 }
 
 impl PolicyCache {
@@ -159,7 +218,12 @@ impl PolicyCache {
         if let Some(v) = self.values.get(&(key, route)) {
             return v.clone();
         }
-        let v = policy_value(key, route);
+        let mut v = policy_value(key, route);
+        if self.interned.fetch_add(1, Ordering::Relaxed) < INTERN_MAX {
+            // A static value is cloned by copying a pointer: no shared
+            // reference count for every worker to bounce between cores.
+            v = make_static(v);
+        }
         self.values.insert((key, route), v.clone());
         v
     }
@@ -212,6 +276,22 @@ mod tests {
             current_value(Policy::Route, 7, Duration::from_secs(u64::MAX)),
             "\"route\";r=7;t=18446744073709551615"
         );
+    }
+
+    #[test]
+    fn table_values_equal_formatted_ones() {
+        let table = CurrentTable::default();
+        for policy in [Policy::Key, Policy::Route] {
+            for r in [0, 1, 99, 255, 256, 100_000] {
+                for ms in [0, 1, 999, 1000, 1001, 3999, 4000, 60_000] {
+                    let reset = Duration::from_millis(ms);
+                    let want = current_value(policy, r, reset);
+                    assert_eq!(table.get(policy, r, reset), want);
+                    // Twice: the second comes from the table.
+                    assert_eq!(table.get(policy, r, reset), want);
+                }
+            }
+        }
     }
 
     #[test]

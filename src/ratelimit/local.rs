@@ -22,7 +22,7 @@
 
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -32,6 +32,7 @@ use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
+use http::HeaderValue;
 
 use super::hash::FastHash;
 use super::{Scope, Verdict};
@@ -178,8 +179,16 @@ where
     }
 }
 
-/// Limiters by spec, each keyed by key id.
-type BySpec<C> = DashMap<RateLimitSpec, KeyedGcra<KeyId, C, FastHash>, FastHash>;
+/// The limiter of one spec, keyed by key id, and the `RateLimit-Policy`
+/// value of a key limit with that spec (set on first use; route limiters
+/// leave it empty).
+pub struct SpecLimiter<C: Clock> {
+    gcra: KeyedGcra<KeyId, C, FastHash>,
+    key_policy: OnceLock<HeaderValue>,
+}
+
+/// Limiters by spec.
+type BySpec<C> = DashMap<RateLimitSpec, SpecLimiter<C>, FastHash>;
 
 /// Key and route limits of one instance.
 pub struct LocalLimiter<C: Clock = DefaultClock> {
@@ -213,25 +222,41 @@ impl<C: Clock + Clone> LocalLimiter<C> {
     /// Spends one cell of `spec` for `key` in `scope`.
     pub fn check(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Verdict {
         match scope {
-            Scope::Key => with_limiter(&self.keys, spec, &self.clock, |l| l.check(key)),
+            Scope::Key => with_limiter(&self.keys, spec, &self.clock, |l| l.gcra.check(key)),
             Scope::Route(route) => {
                 if let Some(by_spec) = self.routes.get::<str>(route) {
-                    return with_limiter(&by_spec, spec, &self.clock, |l| l.check(key));
+                    return with_limiter(&by_spec, spec, &self.clock, |l| l.gcra.check(key));
                 }
                 let by_spec = self.routes.entry(route.clone()).or_default().downgrade();
-                with_limiter(&by_spec, spec, &self.clock, |l| l.check(key))
+                with_limiter(&by_spec, spec, &self.clock, |l| l.gcra.check(key))
             }
         }
+    }
+
+    /// [`LocalLimiter::check`] of a key limit, also returning the limit's
+    /// policy value (made by `policy` the first time a spec is seen).
+    pub fn check_key_with_policy(
+        &self,
+        key: &KeyId,
+        spec: RateLimitSpec,
+        policy: impl FnOnce() -> HeaderValue,
+    ) -> (Verdict, HeaderValue) {
+        with_limiter(&self.keys, spec, &self.clock, |l| {
+            (l.gcra.check(key), l.key_policy.get_or_init(policy).clone())
+        })
     }
 
     /// How long until `key` has a cell of `spec` in `scope`, spending nothing.
     pub fn peek(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Duration {
         match scope {
-            Scope::Key => self.keys.get(&spec).map_or(Duration::ZERO, |l| l.peek(key)),
+            Scope::Key => self
+                .keys
+                .get(&spec)
+                .map_or(Duration::ZERO, |l| l.gcra.peek(key)),
             Scope::Route(route) => self
                 .routes
                 .get::<str>(route)
-                .and_then(|by_spec| by_spec.get(&spec).map(|l| l.peek(key)))
+                .and_then(|by_spec| by_spec.get(&spec).map(|l| l.gcra.peek(key)))
                 .unwrap_or(Duration::ZERO),
         }
     }
@@ -248,7 +273,7 @@ impl<C: Clock + Clone> LocalLimiter<C> {
 
     /// Number of key and route states held.
     pub fn len(&self) -> usize {
-        let count = |m: &BySpec<C>| m.iter().map(|l| l.len()).sum::<usize>();
+        let count = |m: &BySpec<C>| m.iter().map(|l| l.gcra.len()).sum::<usize>();
         count(&self.keys) + self.routes.iter().map(|m| count(&m)).sum::<usize>()
     }
 
@@ -262,7 +287,7 @@ impl<C: Clock + Clone> LocalLimiter<C> {
 fn sweep_specs<C: Clock + Clone>(map: &BySpec<C>) -> usize {
     let mut live = 0;
     map.retain(|_, l| {
-        let n = l.sweep();
+        let n = l.gcra.sweep();
         live += n;
         n > 0
     });
@@ -276,14 +301,17 @@ fn with_limiter<C: Clock + Clone, T>(
     map: &BySpec<C>,
     spec: RateLimitSpec,
     clock: &C,
-    f: impl FnOnce(&KeyedGcra<KeyId, C, FastHash>) -> T,
+    f: impl FnOnce(&SpecLimiter<C>) -> T,
 ) -> T {
     if let Some(l) = map.get(&spec) {
         return f(&l);
     }
     let l = map
         .entry(spec)
-        .or_insert_with(|| KeyedGcra::new(quota(spec), clock.clone()))
+        .or_insert_with(|| SpecLimiter {
+            gcra: KeyedGcra::new(quota(spec), clock.clone()),
+            key_policy: OnceLock::new(),
+        })
         .downgrade();
     f(&l)
 }

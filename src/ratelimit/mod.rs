@@ -41,8 +41,9 @@ use crate::config::{Config, RateLimitBackend, StoreBackend};
 use crate::error::GatewayError;
 use crate::keys::{KeyId, RateLimitSpec};
 pub use failures::{FailedAuth, client_ip};
+use headers::{CurrentTable, PolicyCache, ceil_secs};
 pub use headers::{Policy, RateHeaders};
-use headers::{PolicyCache, ceil_secs, current_value};
+use http::HeaderValue;
 pub use local::LocalLimiter;
 pub use redis::SharedLimiter;
 
@@ -56,15 +57,6 @@ pub enum Scope<'a> {
     Key,
     /// The limit of the named route, for this key.
     Route(&'a Arc<str>),
-}
-
-impl Scope<'_> {
-    fn policy(self) -> Policy {
-        match self {
-            Scope::Key => Policy::Key,
-            Scope::Route(_) => Policy::Route,
-        }
-    }
 }
 
 /// What one limit said about one request.
@@ -86,6 +78,35 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The answer when `item` is the policy to report and `verdict` its state.
+    fn new(
+        currents: &CurrentTable,
+        policy: HeaderValue,
+        item: Policy,
+        verdict: Verdict,
+    ) -> Decision {
+        match verdict {
+            Verdict::Allowed { remaining, reset } => Decision {
+                headers: RateHeaders {
+                    policy,
+                    current: currents.get(item, remaining, reset),
+                },
+                retry_after: None,
+            },
+            Verdict::Refused { wait, reset } => {
+                metrics::counter!("keygate_rate_limited_total", "limit" => item.name())
+                    .increment(1);
+                Decision {
+                    headers: RateHeaders {
+                        policy,
+                        current: currents.get(item, 0, reset),
+                    },
+                    retry_after: Some(wait),
+                }
+            }
+        }
+    }
+
     /// Hands the headers to the response and turns a refusal into the error.
     pub fn finish(self, headers: &mut Option<RateHeaders>) -> Result<(), GatewayError> {
         *headers = Some(self.headers);
@@ -103,28 +124,54 @@ enum Backend {
     Shared(Arc<SharedLimiter>),
 }
 
-impl Backend {
-    async fn check(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Verdict {
-        match self {
-            Backend::Local(l) => l.check(scope, key, spec),
-            Backend::Shared(s) => s.check(scope, key, spec).await,
-        }
+/// What the composition of limits needs from a backend.
+trait Cells {
+    /// Spends one cell of `spec` for `key` in `scope`.
+    async fn spend(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Verdict;
+    /// Spends one cell of the key's own limit and returns the policy value
+    /// for a request that has no route limit.
+    async fn spend_key(
+        &self,
+        key: &KeyId,
+        spec: RateLimitSpec,
+        policies: &PolicyCache,
+    ) -> (Verdict, HeaderValue) {
+        (
+            self.spend(Scope::Key, key, spec).await,
+            policies.get(spec, None),
+        )
+    }
+    /// How long until a cell is there, spending nothing.
+    fn peek(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Duration;
+    /// Undoes a spent cell where the backend can (leases can, governor
+    /// cannot: the cell is lost, which the peek before the route check makes
+    /// rare).
+    fn give_back(&self, scope: Scope<'_>, key: &KeyId);
+}
+
+impl Cells for LocalLimiter {
+    async fn spend(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Verdict {
+        self.check(scope, key, spec)
     }
 
     fn peek(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Duration {
-        match self {
-            Backend::Local(l) => l.peek(scope, key, spec),
-            Backend::Shared(s) => s.peek(scope, key, spec),
-        }
+        LocalLimiter::peek(self, scope, key, spec)
     }
 
-    /// Undoes a spent cell where the backend can (leases can, governor cannot:
-    /// the cell is lost, which the peek before the route check makes rare).
+    fn give_back(&self, _: Scope<'_>, _: &KeyId) {}
+}
+
+impl Cells for Arc<SharedLimiter> {
+    async fn spend(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Verdict {
+        self.check(scope, key, spec).await
+    }
+
+    fn peek(&self, scope: Scope<'_>, key: &KeyId, spec: RateLimitSpec) -> Duration {
+        SharedLimiter::peek(self, scope, key, spec)
+    }
+
     fn give_back(&self, scope: Scope<'_>, key: &KeyId) {
-        match self {
-            Backend::Local(_) => {}
-            Backend::Shared(s) => s.give_back(scope, key),
-        }
+        SharedLimiter::give_back(self, scope, key);
     }
 }
 
@@ -133,6 +180,7 @@ pub struct RateLimits {
     backend: Backend,
     failures: FailedAuth,
     policies: PolicyCache,
+    currents: CurrentTable,
 }
 
 impl RateLimits {
@@ -173,6 +221,7 @@ impl RateLimits {
             backend,
             failures: FailedAuth::new(cfg.rate_limit.failed_auth_per_ip_per_minute),
             policies: PolicyCache::default(),
+            currents: CurrentTable::default(),
         }
     }
 
@@ -192,56 +241,70 @@ impl RateLimits {
         key_spec: RateLimitSpec,
         route: Option<(&Arc<str>, RateLimitSpec)>,
     ) -> Decision {
-        let policy = self.policies.get(key_spec, route.map(|(_, spec)| spec));
-        let refused = |scope: Scope<'_>, wait: Duration, reset: Duration| {
-            metrics::counter!("keygate_rate_limited_total", "limit" => scope.policy().name())
-                .increment(1);
-            Decision {
-                headers: RateHeaders {
-                    policy: policy.clone(),
-                    current: current_value(scope.policy(), 0, reset),
-                },
-                retry_after: Some(wait),
+        match (&self.backend, route) {
+            // The common case, decided without another state machine.
+            (Backend::Local(l), None) => {
+                let (verdict, policy) =
+                    l.check_key_with_policy(key, key_spec, || self.policies.get(key_spec, None));
+                Decision::new(&self.currents, policy, Policy::Key, verdict)
             }
-        };
-        let mut tightest = None;
-        if let Some((name, route_spec)) = route {
-            let route_scope = Scope::Route(name);
-            let key_wait = self.backend.peek(Scope::Key, key, key_spec);
-            if !key_wait.is_zero() {
-                let route_wait = self.backend.peek(route_scope, key, route_spec);
-                return if route_wait > key_wait {
-                    refused(route_scope, route_wait, full_after(route_spec, route_wait))
-                } else {
-                    refused(Scope::Key, key_wait, full_after(key_spec, key_wait))
-                };
-            }
-            match self.backend.check(route_scope, key, route_spec).await {
-                Verdict::Refused { wait, reset } => return refused(route_scope, wait, reset),
-                Verdict::Allowed { remaining, reset } => {
-                    tightest = Some((Policy::Route, remaining, reset));
-                }
-            }
+            (Backend::Local(l), Some(_)) => self.compose(l, key, key_spec, route).await,
+            // Boxed so that the local path's future stays small: the shared
+            // one holds a refill wait and is several times larger.
+            (Backend::Shared(s), _) => Box::pin(self.compose(s, key, key_spec, route)).await,
         }
-        match self.backend.check(Scope::Key, key, key_spec).await {
-            Verdict::Refused { wait, reset } => {
-                if let Some((name, _)) = route {
-                    self.backend.give_back(Scope::Route(name), key);
-                }
-                refused(Scope::Key, wait, reset)
+    }
+
+    async fn compose(
+        &self,
+        cells: &impl Cells,
+        key: &KeyId,
+        key_spec: RateLimitSpec,
+        route: Option<(&Arc<str>, RateLimitSpec)>,
+    ) -> Decision {
+        let Some((name, route_spec)) = route else {
+            // The common case: the key's own limit only.
+            let (verdict, policy) = cells.spend_key(key, key_spec, &self.policies).await;
+            return Decision::new(&self.currents, policy, Policy::Key, verdict);
+        };
+        let policy = self.policies.get(key_spec, Some(route_spec));
+        let route_scope = Scope::Route(name);
+        let key_wait = cells.peek(Scope::Key, key, key_spec);
+        if !key_wait.is_zero() {
+            let route_wait = cells.peek(route_scope, key, route_spec);
+            let (item, wait, spec) = if route_wait > key_wait {
+                (Policy::Route, route_wait, route_spec)
+            } else {
+                (Policy::Key, key_wait, key_spec)
+            };
+            let reset = full_after(spec, wait);
+            return Decision::new(
+                &self.currents,
+                policy,
+                item,
+                Verdict::Refused { wait, reset },
+            );
+        }
+        let (route_left, route_reset) = match cells.spend(route_scope, key, route_spec).await {
+            refused @ Verdict::Refused { .. } => {
+                return Decision::new(&self.currents, policy, Policy::Route, refused);
             }
-            Verdict::Allowed { remaining, reset } => {
-                let (item, remaining, reset) = match tightest {
-                    Some(route) if route.1 < remaining => route,
-                    _ => (Policy::Key, remaining, reset),
+            Verdict::Allowed { remaining, reset } => (remaining, reset),
+        };
+        match cells.spend(Scope::Key, key, key_spec).await {
+            refused @ Verdict::Refused { .. } => {
+                cells.give_back(route_scope, key);
+                Decision::new(&self.currents, policy, Policy::Key, refused)
+            }
+            Verdict::Allowed { remaining, .. } if route_left < remaining => {
+                let route = Verdict::Allowed {
+                    remaining: route_left,
+                    reset: route_reset,
                 };
-                Decision {
-                    headers: RateHeaders {
-                        current: current_value(item, remaining, reset),
-                        policy,
-                    },
-                    retry_after: None,
-                }
+                Decision::new(&self.currents, policy, Policy::Route, route)
+            }
+            allowed @ Verdict::Allowed { .. } => {
+                Decision::new(&self.currents, policy, Policy::Key, allowed)
             }
         }
     }
@@ -324,6 +387,7 @@ mod tests {
             backend: Backend::Local(LocalLimiter::new()),
             failures: FailedAuth::new(60),
             policies: PolicyCache::default(),
+            currents: CurrentTable::default(),
         }
     }
 
@@ -409,10 +473,10 @@ mod tests {
                 .unwrap()
                 .starts_with("\"key\";r=0")
         );
-        assert_eq!(
-            l.backend.peek(Scope::Route(&b), &k, route_spec),
-            Duration::ZERO
-        );
+        let Backend::Local(local) = &l.backend else {
+            unreachable!("a local backend")
+        };
+        assert_eq!(local.peek(Scope::Route(&b), &k, route_spec), Duration::ZERO);
     }
 
     #[test]
