@@ -81,7 +81,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher + Clone> ShrinkableKeyedStateStore<K>
 }
 
 /// One keyed GCRA limiter with a fixed quota, plus a way to peek at a key.
-/// `S` hashes the keys: [`FastHash`] for server-issued ones, `RandomState`
+/// `S` hashes the keys: a fast hash for server-issued ones, `RandomState`
 /// for client-controlled ones.
 pub struct KeyedGcra<K: Hash + Eq + Clone, C: Clock, S: BuildHasher + Clone = RandomState> {
     limiter: RateLimiter<K, SharedStates<K, S>, C, StateInformationMiddleware>,

@@ -4,13 +4,14 @@
 //!
 //! # Why leases
 //!
-//! Asking Redis on every request (one `EVALSHA` of a GCRA script) costs a
-//! round trip on the request path plus the client work around it; measured on
-//! this code's bench (`cargo bench --bench ratelimit`) that is tens of
-//! microseconds per check against well under a microsecond for a lease, which
-//! is enough to halve the gateway's throughput on keys that are hot. So each
-//! instance holds, per (limit, key), a small **lease** of cells taken from the
-//! shared bucket, and spends them locally.
+//! Asking Redis on every request (one `EVALSHA` of a GCRA script) puts a
+//! round trip on the request path plus the client and server work around it:
+//! `cargo bench --bench ratelimit` measures 89 µs per check that way (one
+//! sequential round trip, Redis on localhost, 2-core VM) against 0.2 µs for a
+//! leased cell. That latency would land on every request, and the client and
+//! Redis work behind it on the same cores as the proxy. So each instance
+//! holds, per (limit, key), a small **lease** of cells taken from the shared
+//! bucket, and spends them locally.
 //!
 //! # The scheme
 //!
@@ -95,7 +96,7 @@ const WAIT_SLACK: Duration = Duration::from_millis(100);
 
 /// Grants cells of one GCRA bucket.
 ///
-/// KEYS[1]: the bucket (theoretical arrival time, integer microseconds of
+/// `KEYS[1]`: the bucket (theoretical arrival time, integer microseconds of
 /// Redis `TIME`). ARGV: emission interval in µs, tolerance in µs (interval x
 /// (burst - 1)), cells wanted.
 /// Returns {granted, left in the bucket, µs until the next cell when none is
