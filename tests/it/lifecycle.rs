@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keygate::config::Config;
-use keygate::keys::{Access, Clock, KeyId, KeyRecord, ManualClock, Token};
+use keygate::keys::{Clock, KeyId, KeyRecord, ManualClock, Token};
 use keygate::lifecycle::{Lifecycle, LifecycleOptions, Notice, WebhookOptions, Webhooks};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
@@ -239,33 +239,16 @@ fn lifecycle(
 }
 
 fn record(now: DateTime<Utc>, expires_in: Option<TimeDelta>) -> KeyRecord {
-    let token = Token::generate("kg_");
-    KeyRecord {
-        id: KeyId::generate(),
-        name: "lifecycle".into(),
-        description: String::new(),
-        owner: "ops".into(),
-        hint: token.hint("kg_"),
-        scopes: vec![],
-        access: Access::Full,
-        rate_limit: None,
-        created_at: now,
-        created_by: "ops".into(),
-        updated_at: now,
-        expires_at: expires_in.map(|d| now + d),
-        revoked_at: None,
-        revoked_by: None,
-        revocation_reason: None,
-        suspended_at: None,
-        suspended_by: None,
-        last_used_at: None,
-        metadata: Default::default(),
-        token_hash: token.hash(),
-        retired: vec![],
-        expiry_notified_at: None,
-        expired_recorded_at: None,
-        version: 0,
-    }
+    let mut rec = KeyRecord::issue(
+        &Token::generate("kg_"),
+        "kg_",
+        "lifecycle",
+        "ops",
+        "ops",
+        now,
+    );
+    rec.expires_at = expires_in.map(|d| now + d);
+    rec
 }
 
 async fn create(store: &SharedStore, now: DateTime<Utc>, expires_in: Option<TimeDelta>) -> KeyId {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use keygate::keys::{Access, KeyId, KeyRecord, KeyStatus, RetiredSecret, Scope, Token, TokenHash};
+use keygate::keys::{KeyId, KeyRecord, KeyStatus, RetiredSecret, Scope, Token, TokenHash};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
@@ -94,33 +94,9 @@ contract!(
 
 fn new_key(owner: &str, name: &str) -> KeyRecord {
     let now = Utc::now();
-    let token = Token::generate("kg_");
-    KeyRecord {
-        id: KeyId::generate(),
-        name: name.to_owned(),
-        description: String::new(),
-        owner: owner.to_owned(),
-        hint: token.hint("kg_"),
-        scopes: vec![],
-        access: Access::Full,
-        rate_limit: None,
-        created_at: now,
-        created_by: "test".into(),
-        updated_at: now,
-        expires_at: Some(now + TimeDelta::days(365)),
-        revoked_at: None,
-        revoked_by: None,
-        revocation_reason: None,
-        suspended_at: None,
-        suspended_by: None,
-        last_used_at: None,
-        metadata: Default::default(),
-        token_hash: token.hash(),
-        retired: vec![],
-        expiry_notified_at: None,
-        expired_recorded_at: None,
-        version: 0,
-    }
+    let mut rec = KeyRecord::issue(&Token::generate("kg_"), "kg_", name, owner, "test", now);
+    rec.expires_at = Some(now + TimeDelta::days(365));
+    rec
 }
 
 fn created(rec: &KeyRecord) -> Event {
