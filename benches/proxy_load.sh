@@ -10,8 +10,12 @@
 # and prints medians and ratios to the nginx proxy. With --write the table is
 # appended to BENCHMARKS.md. Everything listens on 127.0.0.1 only.
 #
-# Environment: KEYGATE_WORKERS (proxy worker threads on SO_REUSEPORT; default:
-# one multi-threaded runtime), KEYGATE_BIN (use this binary instead of building).
+# Environment: KEYGATE_WORKERS (proxy worker threads, each a single-threaded
+# runtime on SO_REUSEPORT; default: one per CPU), KEYGATE_BIN (use this binary
+# instead of building), SCENARIO_FILTER (space-separated scenario names).
+# Scenarios: direct, nginx, keygate_open, keygate_key (defaults: access log
+# and metrics on), quiet_open, quiet_key (both off), redis_key (Redis store and
+# Redis rate limit; needs redis-server).
 set -euo pipefail
 
 ROUNDS=5
@@ -105,17 +109,34 @@ NGX
 
 ADMIN_TOKEN="bench-admin-token-$(date +%s%N)"
 ADMIN_SHA=$(printf %s "$ADMIN_TOKEN" | "$KEYGATE" hash-token)
-cat > "$WORK/keygate.yaml" <<YAML
-listen: 127.0.0.1:$KG_PORT
+POOL=$((CONNS > 64 ? CONNS : 64))
+
+# A redis-server of our own (free port, temp dir) for the Redis scenario.
+REDIS_PORT=""
+if command -v redis-server >/dev/null 2>&1; then
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK" --save '' --appendonly no \
+    --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
+  PIDS+=("$(sleep 0.3; cat "$WORK/redis.pid")")
+fi
+
+# start_keygate NAME STORE_YAML EXTRA_YAML: a keygate in front of the upstream
+# with an open route and a keyed one; sets KG_URL_<NAME> and KEY_<NAME>.
+start_keygate() {
+  local name=$1 store=$2 extra=$3
+  local port admin
+  port=$(free_port); admin=$(free_port)
+  cat > "$WORK/$name.yaml" <<YAML
+listen: 127.0.0.1:$port
 admin:
-  listen: 127.0.0.1:$KG_ADMIN
+  listen: 127.0.0.1:$admin
   tokens:
     - { name: bench, role: admin, sha256: "$ADMIN_SHA" }
 store:
-  backend: embedded
-  path: $WORK/keygate.redb
+$store
 limits:
-  upstream_pool_max_idle_per_host: $((CONNS > 64 ? CONNS : 64))
+  upstream_pool_max_idle_per_host: $POOL
+$extra
 routes:
   - name: open
     match: { path_prefix: /open/ }
@@ -126,30 +147,54 @@ routes:
     upstream: http://127.0.0.1:$UP_PORT
     scopes: [bench]
 YAML
-KEYGATE_LOG=warn "$KEYGATE" serve --config "$WORK/keygate.yaml" > "$WORK/keygate.out" 2> "$WORK/keygate.err" &
-PIDS+=($!)
-for _ in $(seq 100); do
-  grep -q "keygate listening" "$WORK/keygate.out" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "keygate listening" "$WORK/keygate.out" || { echo "keygate did not start:" >&2; cat "$WORK/keygate.err" >&2; exit 1; }
+  KEYGATE_LOG=warn "$KEYGATE" serve --config "$WORK/$name.yaml" > "$WORK/$name.out" 2> "$WORK/$name.err" &
+  PIDS+=($!)
+  for _ in $(seq 100); do
+    grep -q "keygate listening" "$WORK/$name.out" 2>/dev/null && break
+    sleep 0.1
+  done
+  grep -q "keygate listening" "$WORK/$name.out" || { echo "keygate $name did not start:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
+  # A key for the keyed scenarios, created through the admin API; its rate
+  # limit is far above what the bench reaches, so every request is checked
+  # against it and none is refused.
+  local key
+  key=$(curl -sf -X POST -H "Authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json' \
+    -d '{"name":"bench","scopes":["bench"],"access":"full","rate_limit":{"per_second":10000000,"burst":10000000}}' \
+    "http://127.0.0.1:$admin/v1/keys" | python3 -c 'import sys,json; print(json.load(sys.stdin)["secret"])')
+  printf -v "KG_URL_$name" '%s' "http://127.0.0.1:$port"
+  printf -v "KEY_$name" '%s' "$key"
+}
 
-# A key for the keyed scenario, created through the admin API.
-KEY=$(curl -sf -X POST -H "Authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json' \
-  -d '{"name":"bench","scopes":["bench"],"access":"full","rate_limit":{"per_second":10000000,"burst":10000000}}' \
-  "http://127.0.0.1:$KG_ADMIN/v1/keys" | python3 -c 'import sys,json; print(json.load(sys.stdin)["secret"])') || KEY=""
+EMBEDDED="  backend: embedded
+  path: $WORK/PLACEHOLDER.redb"
+# Defaults: access log (text, to a file here) and metrics on.
+start_keygate kg "${EMBEDDED/PLACEHOLDER/kg}" ""
+# The same with the record stage switched off (what logs and metrics cost).
+start_keygate quiet "${EMBEDDED/PLACEHOLDER/quiet}" "logging:
+  access_log: false
+metrics:
+  enabled: false"
+if [ -n "$REDIS_PORT" ]; then
+  start_keygate redis "  backend: redis
+  redis:
+    url: redis://127.0.0.1:$REDIS_PORT/" "rate_limit:
+  backend: redis"
+fi
 
 declare -A URL HDR
 URL[direct]="http://127.0.0.1:$UP_PORT/open/x"; HDR[direct]=""
 URL[nginx]="http://127.0.0.1:$NGX_PORT/open/x"; HDR[nginx]=""
-URL[keygate_open]="http://127.0.0.1:$KG_PORT/open/x"; HDR[keygate_open]=""
-SCENARIOS=(direct nginx keygate_open)
-if [ -n "$KEY" ]; then
-  URL[keygate_key]="http://127.0.0.1:$KG_PORT/keyed/x"; HDR[keygate_key]="Authorization: Bearer $KEY"
-  SCENARIOS+=(keygate_key)
-  # Sanity: the key is accepted.
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H "${HDR[keygate_key]}" "${URL[keygate_key]}")
-  [ "$code" = 200 ] || { echo "keyed sanity request got $code" >&2; exit 1; }
+URL[keygate_open]="$KG_URL_kg/open/x"; HDR[keygate_open]=""
+URL[keygate_key]="$KG_URL_kg/keyed/x"; HDR[keygate_key]="Authorization: Bearer $KEY_kg"
+URL[quiet_open]="$KG_URL_quiet/open/x"; HDR[quiet_open]=""
+URL[quiet_key]="$KG_URL_quiet/keyed/x"; HDR[quiet_key]="Authorization: Bearer $KEY_quiet"
+SCENARIOS=(direct nginx keygate_open keygate_key quiet_open quiet_key)
+if [ -n "$REDIS_PORT" ]; then
+  URL[redis_key]="$KG_URL_redis/keyed/x"; HDR[redis_key]="Authorization: Bearer $KEY_redis"
+  SCENARIOS+=(redis_key)
+fi
+if [ -n "${SCENARIO_FILTER:-}" ]; then
+  read -r -a SCENARIOS <<< "$SCENARIO_FILTER"
 fi
 for s in "${SCENARIOS[@]}"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' ${HDR[$s]:+-H "${HDR[$s]}"} "${URL[$s]}")
@@ -174,7 +219,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
-TABLE=$(python3 - "$RESULTS" "$ROUNDS" "$DURATION" "$CONNS" "${KEYGATE_WORKERS:-all}" <<'PY'
+TABLE=$(python3 - "$RESULTS" "$ROUNDS" "$DURATION" "$CONNS" "${KEYGATE_WORKERS:-one per CPU}" <<'PY'
 import sys, statistics
 path, rounds, dur, conns, workers = sys.argv[1:]
 def ms(v):
@@ -190,18 +235,22 @@ names = {
     'direct': 'upstream direct (nginx return 200)',
     'nginx': 'nginx reverse proxy (1 worker, keepalive pool)',
     'keygate_open': 'keygate, auth: none',
-    'keygate_key': 'keygate, key check (cache hit)',
+    'keygate_key': 'keygate, key check + local rate limit, cache hit',
+    'quiet_open': 'keygate, auth: none, access log and metrics off',
+    'quiet_key': 'keygate, key check + local rate limit, access log and metrics off',
+    'redis_key': 'keygate, key check + rate limit, Redis store and Redis rate limit',
 }
-base = statistics.median(x[0] for x in rows['nginx'])
-print(f"wrk -t1 -c{conns} -d{dur} --latency, {rounds} interleaved rounds, medians; keygate workers: {workers}")
+base = statistics.median(x[0] for x in rows['nginx']) if 'nginx' in rows else None
+print(f"wrk -t1 -c{conns} -d{dur} --latency, {rounds} interleaved rounds, medians; keygate proxy workers: {workers}")
 print()
 print("| scenario | req/s | ratio to nginx proxy | p50 ms | p99 ms | non-2xx |")
 print("|---|---|---|---|---|---|")
-for s in ['direct', 'nginx', 'keygate_open', 'keygate_key']:
+for s in names:
     if s not in rows: continue
     v = rows[s]
     rps = statistics.median(x[0] for x in v)
-    print(f"| {names[s]} | {rps:,.0f} | {rps/base:.2f} | {statistics.median(x[1] for x in v):.2f} | {statistics.median(x[2] for x in v):.2f} | {sum(x[3] for x in v)} |")
+    ratio = f"{rps/base:.2f}" if base else "-"
+    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {statistics.median(x[1] for x in v):.2f} | {statistics.median(x[2] for x in v):.2f} | {sum(x[3] for x in v)} |")
 PY
 )
 echo

@@ -76,6 +76,30 @@ pub fn extract<'a>(
     found.ok_or(GatewayError::MissingKey)
 }
 
+/// Removes every header among `sources` that carries a credential, before
+/// forwarding. Once [`extract`] succeeded, each such header holds the same
+/// credential (it may come in several), so removing only the one that
+/// [`extract`] returned would forward the key in the others. `Authorization`
+/// with another scheme is not a credential and stays.
+pub fn strip_credentials(headers: &mut HeaderMap, sources: &[CredentialHeader]) {
+    for source in sources {
+        match source {
+            CredentialHeader::Authorization => {
+                let is_bearer = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| bearer(v).is_some());
+                if is_bearer {
+                    headers.remove(header::AUTHORIZATION);
+                }
+            }
+            CredentialHeader::Raw(name) => {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, rest) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
@@ -209,6 +233,23 @@ mod tests {
             token(&headers(&[("x-api-key", "kg_a"), ("x-api-key", "kg_a")])),
             Err(GatewayError::InvalidKey)
         );
+    }
+
+    #[test]
+    fn every_header_carrying_the_credential_is_stripped() {
+        let mut h = headers(&[
+            ("authorization", "Bearer kg_a"),
+            ("x-api-key", "kg_a"),
+            ("x-other", "1"),
+        ]);
+        strip_credentials(&mut h, &sources());
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-other"], "1");
+        // Another Authorization scheme is not a credential: it stays.
+        let mut h = headers(&[("authorization", "Basic abc"), ("x-api-key", "kg_a")]);
+        strip_credentials(&mut h, &sources());
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["authorization"], "Basic abc");
     }
 
     #[test]

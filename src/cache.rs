@@ -102,16 +102,60 @@ pub struct CacheStats {
     pub stale_served: AtomicU64,
 }
 
+/// The cache's durations, changeable while it runs (a config reload): an
+/// entry's lifetime is fixed when it is stored, freshness is checked against
+/// the current `ttl` on every lookup.
+#[derive(Debug)]
+struct Times {
+    ttl: AtomicU64,
+    negative_ttl: AtomicU64,
+    stale_if_error: AtomicU64,
+}
+
+impl Times {
+    fn new(cfg: &CacheConfig) -> Times {
+        let t = Times {
+            ttl: AtomicU64::new(0),
+            negative_ttl: AtomicU64::new(0),
+            stale_if_error: AtomicU64::new(0),
+        };
+        t.set(cfg);
+        t
+    }
+
+    fn set(&self, cfg: &CacheConfig) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.ttl.store(nanos(cfg.ttl), Ordering::Relaxed);
+        self.negative_ttl
+            .store(nanos(cfg.negative_ttl), Ordering::Relaxed);
+        self.stale_if_error
+            .store(nanos(cfg.stale_if_error), Ordering::Relaxed);
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_nanos(self.ttl.load(Ordering::Relaxed))
+    }
+
+    fn negative_ttl(&self) -> Duration {
+        Duration::from_nanos(self.negative_ttl.load(Ordering::Relaxed))
+    }
+
+    /// How long a positive entry may be served at all: `ttl` fresh, then up
+    /// to `stale_if_error` while the store fails.
+    fn stale_limit(&self) -> Duration {
+        self.ttl() + Duration::from_nanos(self.stale_if_error.load(Ordering::Relaxed))
+    }
+}
+
 struct EntryExpiry {
-    positive: Duration,
-    negative: Duration,
+    times: Arc<Times>,
 }
 
 impl Expiry<TokenHash, Entry> for EntryExpiry {
     fn expire_after_create(&self, _: &TokenHash, value: &Entry, _: Instant) -> Option<Duration> {
         Some(match value {
-            Entry::Found(_) => self.positive,
-            Entry::Missing => self.negative,
+            Entry::Found(_) => self.times.stale_limit(),
+            Entry::Missing => self.times.negative_ttl(),
         })
     }
 
@@ -161,9 +205,13 @@ impl std::hash::Hasher for DigestState {
 pub struct KeyCache {
     cache: moka::future::Cache<TokenHash, Entry, DigestHasher>,
     store: SharedStore,
-    ttl: Duration,
-    stale_if_error: Duration,
+    times: Arc<Times>,
     invalidations: Mutex<broadcast::Receiver<Invalidation>>,
+    /// The store's count of invalidations sent, and how many of them this
+    /// cache has applied: equal means nothing is pending (one atomic load
+    /// per request instead of a lock). `None` for stores that do not count.
+    sent: Option<Arc<AtomicU64>>,
+    applied: AtomicU64,
     /// Held while a batch of invalidations is taken and applied, so a request
     /// never slips between the two and sees an entry about to be dropped.
     drain_lock: tokio::sync::Mutex<()>,
@@ -183,19 +231,20 @@ const OUTAGE_BACKOFF: Duration = Duration::from_millis(500);
 
 impl KeyCache {
     pub fn new(store: SharedStore, cfg: &CacheConfig) -> KeyCache {
+        let times = Arc::new(Times::new(cfg));
         let cache = moka::future::Cache::builder()
             .max_capacity(cfg.max_keys)
             .expire_after(EntryExpiry {
-                positive: cfg.ttl + cfg.stale_if_error,
-                negative: cfg.negative_ttl,
+                times: times.clone(),
             })
             .build_with_hasher(DigestHasher);
         KeyCache {
             cache,
             invalidations: Mutex::new(store.subscribe()),
+            sent: store.invalidations_sent(),
+            applied: AtomicU64::new(0),
             store,
-            ttl: cfg.ttl,
-            stale_if_error: cfg.stale_if_error,
+            times,
             drain_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -204,6 +253,14 @@ impl KeyCache {
             epoch: Instant::now(),
             stats: CacheStats::default(),
         }
+    }
+
+    /// Applies a reloaded `cache:` section: `ttl`, `negative_ttl` and
+    /// `stale_if_error` take effect at once (entries already stored keep the
+    /// lifetime they got, but a fresh-enough check uses the new `ttl`);
+    /// `max_keys` is fixed when the cache is built.
+    pub fn reconfigure(&self, cfg: &CacheConfig) {
+        self.times.set(cfg);
     }
 
     /// Whether API keys are switched on (the kill switch in settings).
@@ -215,7 +272,7 @@ impl KeyCache {
     pub async fn get(&self, hash: &TokenHash) -> Result<Lookup, StoreError> {
         if let Some(entry) = self.cache.get(hash).await {
             match entry {
-                Entry::Found(k) if k.fetched.elapsed() < self.ttl => {
+                Entry::Found(k) if k.fetched.elapsed() < self.times.ttl() => {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Lookup::Found(k));
                 }
@@ -246,8 +303,8 @@ impl KeyCache {
     }
 
     async fn load(&self, hash: &TokenHash) -> Result<Lookup, StoreError> {
-        let ttl = self.ttl;
-        let stale_limit = self.ttl + self.stale_if_error;
+        let ttl = self.times.ttl();
+        let stale_limit = self.times.stale_limit();
         let result = self
             .cache
             .entry(*hash)
@@ -331,9 +388,12 @@ impl KeyCache {
     /// Applies pending invalidations. Cheap when there are none; called before
     /// every keyed request so a local revoke is final as soon as it is answered.
     pub async fn sync(&self) {
-        let pending = match self.invalidations.lock() {
-            Ok(rx) => !rx.is_empty(),
-            Err(_) => true,
+        let pending = match &self.sent {
+            Some(sent) => sent.load(Ordering::Acquire) != self.applied.load(Ordering::Acquire),
+            None => match self.invalidations.lock() {
+                Ok(rx) => !rx.is_empty(),
+                Err(_) => true,
+            },
         };
         if pending || self.draining.load(Ordering::Acquire) {
             self.drain().await;
@@ -343,6 +403,8 @@ impl KeyCache {
     async fn drain(&self) {
         let _guard = self.drain_lock.lock().await;
         self.draining.store(true, Ordering::Release);
+        // Everything counted by now is in the receiver (counted after sending).
+        let sent = self.sent.as_ref().map(|s| s.load(Ordering::Acquire));
         let mut batch = Vec::new();
         {
             let mut rx = match self.invalidations.lock() {
@@ -359,6 +421,9 @@ impl KeyCache {
         }
         for msg in batch {
             self.apply(msg).await;
+        }
+        if let Some(sent) = sent {
+            self.applied.fetch_max(sent, Ordering::AcqRel);
         }
         self.draining.store(false, Ordering::Release);
     }
@@ -402,7 +467,7 @@ impl KeyCache {
         let mut wake = self.store.subscribe();
         tokio::spawn(async move {
             self.refresh_settings().await;
-            let mut tick = tokio::time::interval(self.ttl.max(Duration::from_millis(100)));
+            let mut tick = tokio::time::interval(self.times.ttl().max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -432,5 +497,42 @@ mod tests {
         assert_eq!(text_header("billing svc"), "billing svc");
         assert_eq!(text_header("naïve\r\nx: y"), "na%C3%AFve%0D%0Ax: y");
         assert_eq!(text_header("100%"), "100%25");
+    }
+
+    /// A config reload changes `ttl` for entries already cached: a shorter one
+    /// makes the next lookup read the store again.
+    #[tokio::test]
+    async fn reconfigured_ttl_applies_to_cached_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("k.redb")).unwrap(),
+        );
+        let token = crate::keys::Token::generate("kg_");
+        let rec = KeyRecord::issue(&token, "kg_", "k", "o", "test", chrono::Utc::now());
+        let event = crate::store::Event::new(
+            crate::store::EventType::KeyCreated,
+            Some(rec.id.clone()),
+            "test",
+            chrono::Utc::now(),
+            serde_json::Value::Null,
+        );
+        store.create_key(&rec, 10, &event).await.unwrap();
+        let mut cfg = CacheConfig {
+            max_keys: 10,
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(0),
+        };
+        let cache = KeyCache::new(store, &cfg);
+        let hash = token.hash();
+        let reads = || cache.stats.store_reads.load(Ordering::Relaxed);
+        assert!(matches!(cache.get(&hash).await.unwrap(), Lookup::Found(_)));
+        assert!(matches!(cache.get(&hash).await.unwrap(), Lookup::Found(_)));
+        assert_eq!(reads(), 1, "the second lookup is a hit");
+        cfg.ttl = Duration::from_millis(1);
+        cache.reconfigure(&cfg);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(matches!(cache.get(&hash).await.unwrap(), Lookup::Found(_)));
+        assert_eq!(reads(), 2, "stale under the new ttl: read again");
     }
 }

@@ -295,6 +295,25 @@ impl KeyStatus {
         }
     }
 
+    /// The status rule of DESIGN.md section 3, first that applies: revoked,
+    /// suspended, expired (`expires_at` has passed), active.
+    pub fn at(
+        revoked: bool,
+        suspended: bool,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> KeyStatus {
+        if revoked {
+            KeyStatus::Revoked
+        } else if suspended {
+            KeyStatus::Suspended
+        } else if expires_at.is_some_and(|e| e <= now) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+
     pub fn parse(s: &str) -> Option<KeyStatus> {
         match s {
             "revoked" => Some(KeyStatus::Revoked),
@@ -406,15 +425,12 @@ impl KeyRecord {
 
     /// Status, first that applies: revoked, suspended, expired, active.
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
-        if self.revoked_at.is_some() {
-            KeyStatus::Revoked
-        } else if self.suspended_at.is_some() {
-            KeyStatus::Suspended
-        } else if self.expires_at.is_some_and(|e| e <= now) {
-            KeyStatus::Expired
-        } else {
-            KeyStatus::Active
-        }
+        KeyStatus::at(
+            self.revoked_at.is_some(),
+            self.suspended_at.is_some(),
+            self.expires_at,
+            now,
+        )
     }
 
     /// Whether the secret with `hash` may be used at `now`.

@@ -22,6 +22,7 @@ pub mod lifecycle;
 pub mod proxy;
 pub mod quickstart;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod signals;
 pub mod store;

@@ -43,6 +43,13 @@ enum Command {
     },
     /// Read a token on stdin and print its SHA-256 hex (for admin.tokens[].sha256).
     HashToken,
+    /// Ask a running keygate's admin listener whether it is healthy: exit 0 on
+    /// a 2xx answer, 1 otherwise (for container health checks).
+    Healthcheck {
+        /// What to ask; `.../readyz` checks readiness instead of liveness.
+        #[arg(long, default_value = keygate::cli::healthcheck::DEFAULT_URL)]
+        url: String,
+    },
     /// Manage API keys through the admin API.
     Keys(Box<keygate::cli::KeysCommand>),
 }
@@ -62,16 +69,20 @@ fn main() -> ExitCode {
             Err(e) => fail(EXIT_USAGE, &e.to_string()),
         },
         Command::HashToken => hash_token(),
+        Command::Healthcheck { url } => match keygate::cli::healthcheck::check(&url) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_RUNTIME, &e),
+        },
         Command::Serve { config } => {
             let cfg = match keygate::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_USAGE, &e.to_string()),
             };
-            keygate::telemetry::init();
+            let _logs = keygate::telemetry::init(&cfg.logging);
             run(keygate::server::serve(config, cfg))
         }
         Command::Quickstart { data_dir } => {
-            keygate::telemetry::init();
+            let _logs = keygate::telemetry::init(&Default::default());
             run(keygate::quickstart::run(data_dir))
         }
         Command::Keys(cmd) => keys(*cmd),

@@ -138,6 +138,8 @@ fn print_tour(server: &Server, admin: &Token, read_only: &Token, full: &Token) {
 keygate quickstart is running.
   gateway  {proxy}   (routes: /api/ needs a key with scope "demo"; /public/ is open)
   admin    {admin_url}
+  console  {admin_url}/ui/
+  metrics  {admin_url}/metrics
   store    embedded (data/keygate.redb)
 
 Secrets below are shown once; they are not stored anywhere in plain text.

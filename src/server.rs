@@ -14,16 +14,18 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::health::ReadyFlags;
 use crate::admin::{self, AdminState};
 use crate::auth::Authenticator;
 use crate::cache::KeyCache;
-use crate::config::{self, Config, StoreBackend};
+use crate::config::{Config, StoreBackend};
 use crate::keys::{Clock, SystemClock};
 use crate::lifecycle::usage::FLUSH_INTERVAL;
 use crate::lifecycle::{Lifecycle, LifecycleOptions, UsageFlusher, UsageRecorder};
 use crate::proxy::{Gateway, listener};
 use crate::ratelimit::RateLimits;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::store::{SharedStore, StoreError};
 
@@ -79,6 +81,8 @@ impl Server {
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Result<Server, StartError> {
+        let store: SharedStore = Arc::new(MeteredStore::new(store));
+        let ready = Arc::new(ReadyFlags::new(shutdown.clone()));
         let cfg = Arc::new(cfg);
         let tls = match &cfg.tls {
             Some(t) => Some(listener::tls_acceptor(t).map_err(StartError::Tls)?),
@@ -112,8 +116,15 @@ impl Server {
             cache.clone().spawn_maintenance(shutdown.clone()),
             limits.spawn_maintenance(shutdown.clone()),
         ];
-        let (proxy_addr, threads) = match workers_from_env() {
-            None => {
+        // One cap on open connections, whichever worker accepted them.
+        let slots = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_connections));
+        let scrape = crate::telemetry::ScrapeSources {
+            cache: cache.clone(),
+            connection_slots: slots.clone(),
+            max_connections: cfg.limits.max_connections,
+        };
+        let (proxy_addr, threads) = match proxy_workers() {
+            0 => {
                 let proxy_listener = bind(cfg.listen).await?;
                 let addr = local_addr(&proxy_listener, cfg.listen)?;
                 let serve = listener::serve(
@@ -121,12 +132,13 @@ impl Server {
                     gateway.clone(),
                     tls,
                     cfg.limits.clone(),
+                    slots,
                     shutdown.clone(),
                 );
                 tasks.push(tokio::spawn(serve));
                 (addr, Vec::new())
             }
-            Some(n) => spawn_workers(n, &cfg, &gateway, tls, &shutdown)?,
+            n => spawn_workers(n, &cfg, &gateway, tls, &slots, &shutdown)?,
         };
         // Started once both listeners are bound, so a failed start leaves no
         // background job holding the leader lock.
@@ -141,8 +153,11 @@ impl Server {
         tasks.push(lifecycle.spawn(shutdown.clone()));
         let admin_shutdown = shutdown.clone();
         let router = admin::layered(
-            admin::api_routes(admin_state).merge(crate::telemetry::metrics_routes()),
+            admin::api_routes(admin_state)
+                .merge(crate::telemetry::metrics_routes(scrape))
+                .merge(admin::ui::routes()),
         );
+        let router = router.layer(axum::Extension(ready.clone()));
         tasks.push(crate::telemetry::spawn_metrics_upkeep(shutdown.clone()));
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(admin_listener, router)
@@ -152,6 +167,12 @@ impl Server {
                 tracing::error!(error = %e, "admin listener failed");
             }
         }));
+        ready
+            .config_loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        ready
+            .listeners_bound
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(Server {
             proxy_addr,
             admin_addr,
@@ -167,29 +188,26 @@ impl Server {
         })
     }
 
-    /// Applies a new config: routes, limits, tokens and policies change at
-    /// once; listener addresses and the store backend need a restart.
-    pub fn reload(&self, new: Config) {
+    /// Applies a new config at once: routes, scopes, rate limits, cache
+    /// durations, admin tokens, key policy, webhooks, access log and metrics
+    /// switches. Settings that only take effect at start (listeners, TLS, the
+    /// store, the rate-limit backend, `limits`, `cache.max_keys`, log level
+    /// and format) keep their running values, and the log says which changed
+    /// and need a restart; nothing is half-applied.
+    pub fn reload(&self, mut new: Config) {
         let old = self.gateway.config();
-        if new.listen != old.listen || new.admin.listen != old.admin.listen {
+        let kept = new.keep_restart_only(&old);
+        if !kept.is_empty() {
             tracing::warn!(
-                "listener addresses changed in the config; they take effect after a restart"
-            );
-        }
-        if new.rate_limit.backend != old.rate_limit.backend {
-            tracing::warn!(
-                "rate_limit.backend changed in the config; it takes effect after a restart"
-            );
-        }
-        if new.store.backend != old.store.backend {
-            tracing::warn!(
-                "the store backend changed in the config; it takes effect after a restart"
+                "config changes that need a restart were not applied: {}; the running values stay until keygate restarts",
+                kept.join(", ")
             );
         }
         let new = Arc::new(new);
+        self.cache.reconfigure(&new.cache);
         self.gateway.reload(new.clone());
-        self.admin_config.store(new);
-        tracing::info!("config reloaded");
+        self.admin_config.store(new.clone());
+        tracing::info!(routes = new.routes.len(), "config reloaded");
     }
 
     /// The token that stops this server.
@@ -229,12 +247,26 @@ impl Server {
     }
 }
 
-/// `KEYGATE_WORKERS=N`: serve the proxy on N threads, each with its own
-/// single-threaded runtime and SO_REUSEPORT listener, instead of the shared
-/// multi-threaded runtime.
-fn workers_from_env() -> Option<usize> {
-    let n: usize = std::env::var("KEYGATE_WORKERS").ok()?.parse().ok()?;
-    (n > 0).then_some(n.min(256))
+/// How many proxy worker threads to run, each with its own single-threaded
+/// runtime and SO_REUSEPORT listener: one per CPU, or `KEYGATE_WORKERS=N`;
+/// `KEYGATE_WORKERS=0` serves the proxy on the shared multi-threaded runtime
+/// instead. One runtime per core keeps a request, its upstream connection
+/// and its wakeups on one thread (measured in BENCHMARKS.md).
+fn proxy_workers() -> usize {
+    match std::env::var("KEYGATE_WORKERS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) => n.min(256),
+            Err(_) => {
+                tracing::warn!(value = %v, "KEYGATE_WORKERS is not a number; using one worker per CPU");
+                default_workers()
+            }
+        },
+        Err(_) => default_workers(),
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Starts `n` proxy worker threads on one address (SO_REUSEPORT).
@@ -243,6 +275,7 @@ fn spawn_workers(
     cfg: &Config,
     gateway: &Arc<Gateway>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: &Arc<tokio::sync::Semaphore>,
     shutdown: &CancellationToken,
 ) -> Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>), StartError> {
     let first = reuseport_listener(cfg.listen)?;
@@ -259,6 +292,7 @@ fn spawn_workers(
         let gateway = Arc::new(gateway.worker());
         let tls = tls.clone();
         let limits = cfg.limits.clone();
+        let slots = slots.clone();
         let shutdown = shutdown.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -269,7 +303,7 @@ fn spawn_workers(
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(std_listener) {
-                        Ok(l) => listener::serve(l, gateway, tls, limits, shutdown).await,
+                        Ok(l) => listener::serve(l, gateway, tls, limits, slots, shutdown).await,
                         Err(e) => {
                             tracing::error!(error = %e, "proxy worker cannot use its listener")
                         }
@@ -309,13 +343,7 @@ fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartErro
 pub async fn serve(config_path: PathBuf, cfg: Config) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
     let server = Arc::new(Server::start(cfg, shutdown.clone()).await?);
-    crate::signals::spawn(shutdown.clone(), {
-        let server = server.clone();
-        move || match config::load(&config_path) {
-            Ok(cfg) => server.reload(cfg),
-            Err(e) => tracing::error!("config reload rejected, keeping the old config: {e}"),
-        }
-    });
+    crate::reload::Reloader::new(config_path, server.clone()).spawn(shutdown.clone());
     announce(&server);
     shutdown.cancelled().await;
     tracing::info!("shutting down: finishing requests in flight");

@@ -193,7 +193,10 @@ fn filter(mut f: Fields) -> Result<ListFilter, AdminError> {
     })
 }
 
-/// The ids a filter selects, refusing more than [`MAX_BULK`].
+/// The ids a filter selects, refusing more than [`MAX_BULK`]. Follows the
+/// store's pages to the end: a filtered page can end early (the store's scan
+/// budget) with more matches after it, and acting on some of the keys a
+/// filter selects would be worse than refusing the call.
 async fn select(
     state: &AdminState,
     caller: &Caller,
@@ -206,31 +209,25 @@ async fn select(
         filter.owner = Some(own.to_owned());
     }
     let now = state.clock.now();
-    let page = state
-        .store
-        .list_keys(&filter, now)
-        .await
-        .map_err(|e| store_err(e, None))?;
-    if let Some(next) = page.next {
-        // A full page may or may not be the last one: look one key further.
-        let more = ListFilter {
-            limit: 1,
-            after: KeyId::parse(&next),
-            ..filter
-        };
-        let beyond = state
+    let mut ids = Vec::new();
+    loop {
+        let page = state
             .store
-            .list_keys(&more, now)
+            .list_keys(&filter, now)
             .await
             .map_err(|e| store_err(e, None))?;
-        if !beyond.items.is_empty() {
+        ids.extend(page.items.into_iter().map(|r| r.id.to_string()));
+        if ids.len() > MAX_BULK {
             return Err(AdminError::invalid(
                 "filter",
                 format!("matches more than {MAX_BULK} keys; narrow it or repeat the call"),
             ));
         }
+        match page.next.as_deref().and_then(KeyId::parse) {
+            Some(next) => filter.after = Some(next),
+            None => return Ok(ids),
+        }
     }
-    Ok(page.items.into_iter().map(|r| r.id.to_string()).collect())
 }
 
 /// Applies `action` to one key, as its single-key route would.

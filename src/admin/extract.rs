@@ -168,8 +168,10 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
 }
 
 impl QueryParams {
-    /// Takes the parameter `name`; given twice is an error. An empty value
-    /// (`?status=`) counts as absent.
+    /// Takes the parameter `name`; given twice or with an empty value
+    /// (`?status=`) is an error: leave a parameter out to leave it unset (a
+    /// silently ignored `?status=` would widen a listing, and the OpenAPI
+    /// document says every value has at least one character).
     pub fn take(&mut self, name: &str) -> Result<Option<String>, AdminError> {
         let mut found = None;
         let mut rest = Vec::with_capacity(self.0.len());
@@ -183,7 +185,13 @@ impl QueryParams {
             }
         }
         self.0 = rest;
-        Ok(found.filter(|v| !v.is_empty()))
+        match found {
+            Some(v) if v.is_empty() => Err(AdminError::invalid(
+                name,
+                "is empty; give a value or leave the parameter out",
+            )),
+            found => Ok(found),
+        }
     }
 
     /// Takes `limit`: 1 to `max`, `default` when absent.
@@ -276,6 +284,14 @@ mod tests {
         assert!(q.take("a").is_err());
         let mut q = QueryParams(vec![("limit".into(), "0".into())]);
         assert!(q.limit(50, 1000).is_err());
+        let mut q = QueryParams(vec![("status".into(), "".into())]);
+        assert_eq!(
+            q.take("status").unwrap_err(),
+            AdminError::invalid(
+                "status",
+                "is empty; give a value or leave the parameter out"
+            )
+        );
         let mut q = QueryParams(vec![
             ("limit".into(), "1000".into()),
             ("x".into(), "".into()),

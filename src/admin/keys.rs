@@ -201,7 +201,7 @@ pub async fn show(
     operation_id = "updateKey",
     tag = "keys",
     params(("id" = String, Path, description = "Key id (`key_` + ULID)")),
-    request_body = UpdateKeyRequest,
+    request_body = Option<UpdateKeyRequest>,
     responses(
         (status = 200, description = "The edited key", body = KeyView),
         (status = 404, description = "key_not_found: no such key, or (developers) not theirs", body = Problem, content_type = "application/problem+json"),

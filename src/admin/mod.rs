@@ -27,6 +27,7 @@ pub mod openapi;
 pub mod ops;
 pub mod respond;
 pub mod settings;
+pub mod ui;
 
 use std::sync::Arc;
 

@@ -15,10 +15,9 @@ use std::borrow::Cow;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{
-    ContentBuilder, OpenApi as Doc, Ref, RefOr, ResponseBuilder, schema::Schema,
-};
+use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 
 use super::{bulk, events, health, keys, settings};
@@ -108,6 +107,9 @@ impl Modify for Common {
             for (write, op) in ops {
                 let Some(op) = op else { continue };
                 let has_body = op.request_body.is_some();
+                if let Some(body) = op.request_body.as_mut() {
+                    not_null(body);
+                }
                 op.security = Some(vec![SecurityRequirement::new::<_, [&str; 0], &str>(
                     SECURITY_SCHEME,
                     [],
@@ -131,6 +133,28 @@ impl Modify for Common {
                 }
                 add("503", "store_unavailable: the key store cannot be reached");
             }
+        }
+    }
+}
+
+/// An optional body (`request_body = Option<T>`) is documented by utoipa as
+/// "`T` or JSON `null`"; keygate takes no body (or `{}`) for "nothing", and
+/// refuses a JSON `null` like any body that is not an object. So the schema
+/// is `T`, and `required: false` says the body may be left out.
+fn not_null(body: &mut utoipa::openapi::request_body::RequestBody) {
+    for content in body.content.values_mut() {
+        let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema else {
+            continue;
+        };
+        let is_null = |s: &RefOr<Schema>| {
+            matches!(s, RefOr::T(Schema::Object(o))
+                if o.schema_type == SchemaType::Type(Type::Null))
+        };
+        let mut rest = one_of.items.iter().filter(|s| !is_null(s));
+        if let (Some(only), None) = (rest.next(), rest.next())
+            && one_of.items.iter().any(is_null)
+        {
+            content.schema = Some(only.clone());
         }
     }
 }
@@ -184,17 +208,19 @@ pub struct CreateKeyRequest {
     #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// Defaults to the caller's token name; developers may only name themselves.
+    #[schema(nullable = false, min_length = 1)]
     pub owner: Option<String>,
     #[schema(max_length = 2000)]
     pub description: Option<String>,
     /// Up to 100 scopes of `A-Za-z0-9_.:/-`; defaults to none.
-    #[schema(max_items = 100)]
-    pub scopes: Option<Vec<String>>,
+    #[schema(nullable = false, max_items = 100)]
+    pub scopes: Option<Vec<ScopeDoc>>,
     pub access: AccessDoc,
     /// RFC 3339, in the future, within `keys.max_ttl`; `null` never expires
     /// (only without `keys.max_ttl`). Not with `expires_in`.
     pub expires_at: Option<DateTime<Utc>>,
     /// A duration such as `90d`. Not with `expires_at`. Neither: `keys.default_ttl`.
+    #[schema(nullable = false, pattern = r"^[0-9]+(ms|s|m|h|d)$")]
     pub expires_in: Option<String>,
     /// The key's own limit; `null` or absent: `rate_limit.default`.
     pub rate_limit: Option<RateLimitDoc>,
@@ -208,14 +234,16 @@ pub struct CreateKeyRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKeyRequest {
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(nullable = false, min_length = 1, max_length = 200)]
     pub name: Option<String>,
+    /// `null` empties it.
     #[schema(max_length = 2000)]
     pub description: Option<String>,
-    #[schema(max_items = 100)]
-    pub scopes: Option<Vec<String>>,
+    #[schema(nullable = false, max_items = 100)]
+    pub scopes: Option<Vec<ScopeDoc>>,
     /// `null` removes the key's own limit.
     pub rate_limit: Option<RateLimitDoc>,
+    /// `null` empties it.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
 }
@@ -233,6 +261,7 @@ pub struct RevokeRequest {
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     /// How long the old secret keeps working, e.g. `1h`; default `0s`, at most `30d`.
+    #[schema(nullable = false, pattern = r"^[0-9]+(ms|s|m|h|d)$")]
     pub grace: Option<String>,
 }
 
@@ -246,8 +275,9 @@ pub struct EmptyRequest {}
 #[serde(deny_unknown_fields)]
 pub struct BulkRequest {
     pub action: BulkActionDoc,
-    #[schema(max_items = 1000)]
+    #[schema(nullable = false, max_items = 1000)]
     pub ids: Option<Vec<String>>,
+    #[schema(nullable = false)]
     pub filter: Option<BulkFilterDoc>,
     /// Revocation reason (action `revoke` only).
     pub reason: Option<String>,
@@ -258,10 +288,14 @@ pub struct BulkRequest {
 #[serde(deny_unknown_fields)]
 #[schema(as = BulkFilter)]
 pub struct BulkFilterDoc {
+    #[schema(nullable = false)]
     pub status: Option<KeyStatusDoc>,
+    #[schema(nullable = false)]
     pub owner: Option<String>,
-    pub scope: Option<String>,
+    #[schema(nullable = false)]
+    pub scope: Option<ScopeDoc>,
     /// Case-insensitive substring of name, id or owner.
+    #[schema(nullable = false)]
     pub q: Option<String>,
 }
 
@@ -281,44 +315,77 @@ pub enum BulkActionDoc {
 #[serde(deny_unknown_fields)]
 pub struct SettingsUpdateRequest {
     /// `false` switches every API key off (403 `api_keys_disabled`).
+    #[schema(nullable = false)]
     pub api_keys_enabled: Option<bool>,
 }
 
-/// Query of `GET /v1/keys`.
+/// Query of `GET /v1/keys`. A parameter given must have a value: an empty
+/// one (`?status=`) is 422 `invalid_field`, like a repeated one.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListKeysQuery {
     /// Case-insensitive substring of name, id or owner.
+    #[param(min_length = 1)]
     pub q: Option<String>,
     pub status: Option<KeyStatusDoc>,
+    #[param(min_length = 1)]
     pub owner: Option<String>,
     /// Keys holding this scope.
-    pub scope: Option<String>,
+    pub scope: Option<ScopeDoc>,
     /// Keys not yet expired that expire within this duration, e.g. `30d`.
+    #[param(pattern = r"^[0-9]+(ms|s|m|h|d)$")]
     pub expiring_within: Option<String>,
     /// 1 to 1000, default 50.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page. A filtered listing examines a
+    /// bounded number of keys per call, so a page may hold fewer than `limit`
+    /// keys (even none) while `next_cursor` is set: follow it until it is `null`.
+    #[param(min_length = 1)]
     pub cursor: Option<String>,
 }
 
-/// Query of `GET /v1/events`.
+/// Query of `GET /v1/events`. A parameter given must have a value.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListEventsQuery {
+    /// `key_` + ULID.
+    #[param(pattern = "^key_[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{26}$")]
     pub key_id: Option<String>,
     /// Event type, e.g. `key.revoked`.
     #[serde(rename = "type")]
     #[param(rename = "type")]
     pub kind: Option<EventTypeDoc>,
     /// Only events after this event id or RFC 3339 time.
+    #[param(min_length = 1)]
     pub after: Option<String>,
     /// 1 to 1000, default 50.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(min_length = 1)]
     pub cursor: Option<String>,
+}
+
+/// A scope: 1 to 128 characters of `A-Za-z0-9_.:/-`.
+#[derive(Debug, Deserialize)]
+pub struct ScopeDoc(pub String);
+
+impl PartialSchema for ScopeDoc {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(128))
+            .pattern(Some(r"^[A-Za-z0-9_.:/-]+$"))
+            .into()
+    }
+}
+
+impl ToSchema for ScopeDoc {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Scope")
+    }
 }
 
 // ----- Mirrors of types owned by other modules. -----

@@ -87,7 +87,7 @@ pub async fn show(
     path = "/v1/settings",
     operation_id = "updateSettings",
     tag = "settings",
-    request_body = SettingsUpdateRequest,
+    request_body = Option<SettingsUpdateRequest>,
     responses(
         (status = 200, description = "The settings after the change; every instance applies it", body = SettingsView),
         (status = 403, description = "forbidden_role: only the admin role changes settings", body = Problem, content_type = "application/problem+json"),

@@ -18,6 +18,7 @@
 //! wrong afterwards (connection, timeout, an error answer of the API).
 
 pub mod client;
+pub mod healthcheck;
 pub mod render;
 
 use std::collections::BTreeSet;

@@ -8,6 +8,7 @@
 
 mod raw;
 mod units;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,9 +44,11 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     pub routes: Vec<RouteConfig>,
     pub limits: LimitsConfig,
+    pub logging: LoggingConfig,
+    pub metrics: MetricsConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -223,7 +226,7 @@ pub struct RouteConfig {
 }
 
 /// Protection limits of the listeners (`limits:` in YAML; all optional).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
@@ -256,18 +259,123 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `logging:`: the process log (level and format are read at start) and the
+/// access log (one line per proxied request; switched live on reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggingConfig {
+    /// An `EnvFilter` directive such as `info` or `info,keygate=debug`;
+    /// `KEYGATE_LOG` overrides it.
+    pub level: String,
+    /// `KEYGATE_LOG_FORMAT` overrides it.
+    pub format: LogFormat,
+    /// One event per request on the target `keygate::access`.
+    pub access_log: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Pretty,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `metrics:`: what the data plane records for `GET /metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Per-request counters and histograms; off leaves the request path
+    /// without any metrics work (background metrics are still served).
+    pub enabled: bool,
+    /// Also count requests per key id (`keygate_key_requests_total`); one
+    /// series per key and outcome, so off by default.
+    pub key_id_labels: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            key_id_labels: false,
+        }
+    }
+}
+
 /// Reads, overrides from the environment and validates `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    from_file_text(path, &read(path)?)
+}
+
+/// Reads the config file at `path` (to hash or parse it).
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         location: format!("{}: ", path.display()),
         message: format!("cannot read the config file: {e}"),
-    })?;
+    })
+}
+
+/// Validates `text`, read from `path`, with the `KEYGATE_*` overrides of the
+/// process environment.
+pub fn from_file_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with("KEYGATE_"))
         .collect();
-    let mut cfg = parse(&text, &path.display().to_string(), &env)?;
+    let mut cfg = parse(text, &path.display().to_string(), &env)?;
     cfg.source = Some(path.to_owned());
     Ok(cfg)
+}
+
+impl Config {
+    /// For a reload: puts back the settings of `running` that only take
+    /// effect at start (listeners, TLS, the store, the rate-limit backend,
+    /// `limits`, the cache's size, the log level and format), so the config
+    /// that is swapped in describes what really runs. Returns the names of
+    /// those that differed, for the log.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        let mut keep = |name: &'static str, differs: bool| {
+            if differs {
+                kept.push(name);
+            }
+        };
+        keep("listen", self.listen != running.listen);
+        self.listen = running.listen;
+        keep("admin.listen", self.admin.listen != running.admin.listen);
+        self.admin.listen = running.admin.listen;
+        keep("tls", self.tls != running.tls);
+        self.tls = running.tls.clone();
+        keep("store", self.store.backend != running.store.backend);
+        self.store = running.store.clone();
+        keep(
+            "rate_limit.backend",
+            self.rate_limit.backend != running.rate_limit.backend,
+        );
+        self.rate_limit.backend = running.rate_limit.backend;
+        keep("limits", self.limits != running.limits);
+        self.limits = running.limits.clone();
+        keep(
+            "cache.max_keys",
+            self.cache.max_keys != running.cache.max_keys,
+        );
+        self.cache.max_keys = running.cache.max_keys;
+        keep("logging.level", self.logging.level != running.logging.level);
+        self.logging.level = running.logging.level.clone();
+        keep(
+            "logging.format",
+            self.logging.format != running.logging.format,
+        );
+        self.logging.format = running.logging.format;
+        kept
+    }
 }
 
 /// Parses and validates YAML `text`; `origin` names it in errors; `env` holds the
@@ -1432,5 +1540,87 @@ mod tests {
         let e = load(&missing).unwrap_err();
         assert_eq!(e.location, format!("{}: ", missing.display()));
         assert!(e.message.starts_with("cannot read the config file"), "{e}");
+    }
+
+    // --- logging, metrics and reload -------------------------------------------
+
+    #[test]
+    fn logging_and_metrics_default_on_and_can_be_switched() {
+        let c = ok("");
+        assert_eq!(c.logging, LoggingConfig::default());
+        assert_eq!(
+            (
+                c.logging.level.as_str(),
+                c.logging.format,
+                c.logging.access_log
+            ),
+            ("info", LogFormat::Pretty, true)
+        );
+        assert_eq!(c.metrics, MetricsConfig::default());
+        assert!(c.metrics.enabled && !c.metrics.key_id_labels);
+        let c = ok(
+            "logging:\n  level: warn,keygate=debug\n  format: json\n  access_log: false\nmetrics:\n  enabled: false\n  key_id_labels: true\n",
+        );
+        assert_eq!(c.logging.level, "warn,keygate=debug");
+        assert_eq!(c.logging.format, LogFormat::Json);
+        assert!(!c.logging.access_log);
+        assert!(!c.metrics.enabled && c.metrics.key_id_labels);
+    }
+
+    #[test]
+    fn bad_logging_and_metrics_values_are_located() {
+        rejects(
+            "logging:\n  level: \"info,[\"\n",
+            "k.yaml:2:10: logging.level: invalid filter",
+            "e.g. info",
+        );
+        rejects(
+            "logging:\n  format: xml\n",
+            "k.yaml:2:11: logging.format: ",
+            "xml",
+        );
+        rejects(
+            "logging:\n  acces_log: true\n",
+            "k.yaml:2:3: logging.acces_log: unknown field",
+            "access_log",
+        );
+        rejects(
+            "metrics:\n  enabled: sometimes\n",
+            "k.yaml:2:12: metrics.enabled: ",
+            "expected true or false",
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_what_needs_a_restart_and_says_so() {
+        let running = ok("listen: 127.0.0.1:7000\ncache:\n  max_keys: 10\n  ttl: 30s\n");
+        let mut same = running.clone();
+        assert!(same.keep_restart_only(&running).is_empty());
+        let mut new = ok(&format!(
+            "listen: 127.0.0.1:7001\nadmin:\n  listen: 127.0.0.1:7002\nstore:\n  path: other.redb\nlimits:\n  max_connections: 5\ncache:\n  max_keys: 20\n  ttl: 1s\nlogging:\n  format: json\n  access_log: false\n{}",
+            route("")
+        ));
+        let kept = new.keep_restart_only(&running);
+        assert_eq!(
+            kept,
+            [
+                "listen",
+                "admin.listen",
+                "store",
+                "limits",
+                "cache.max_keys",
+                "logging.format"
+            ]
+        );
+        assert_eq!(new.listen, running.listen);
+        assert_eq!(new.admin.listen, running.admin.listen);
+        assert_eq!(new.store.backend, running.store.backend);
+        assert_eq!(new.limits, running.limits);
+        assert_eq!(new.cache.max_keys, 10);
+        assert_eq!(new.logging.format, LogFormat::Pretty);
+        // The rest is applied.
+        assert_eq!(new.cache.ttl, secs(1));
+        assert!(!new.logging.access_log);
+        assert_eq!(new.routes.len(), 1);
     }
 }

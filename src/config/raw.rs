@@ -24,9 +24,9 @@ use sha2::{Digest, Sha256};
 use super::units::{parse_duration, parse_size};
 use super::{
     AdminConfig, AdminRole, AdminToken, CacheConfig, Config, ConfigError, CredentialHeader,
-    ForwardConfig, IpNet, KeysConfig, LimitsConfig, NotificationsConfig, PathMatch,
-    RateLimitBackend, RateLimitConfig, RouteAuth, RouteConfig, StoreBackend, StoreConfig,
-    TlsConfig, WebhookConfig,
+    ForwardConfig, IpNet, KeysConfig, LimitsConfig, LogFormat, LoggingConfig, MetricsConfig,
+    NotificationsConfig, PathMatch, RateLimitBackend, RateLimitConfig, RouteAuth, RouteConfig,
+    StoreBackend, StoreConfig, TlsConfig, WebhookConfig,
 };
 use crate::keys::{MAX_PREFIX_LEN, RateLimitSpec, Scope};
 
@@ -55,6 +55,7 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
 const DEFAULT_STORE_PATH: &str = "data/keygate.redb";
 const DEFAULT_REDIS_PREFIX: &str = "keygate:";
 const DEFAULT_KEY_PREFIX: &str = "kg_";
+const DEFAULT_LOG_LEVEL: &str = "info";
 const MAX_PER_OWNER: u32 = 1000;
 /// hyper refuses a read buffer smaller than this (`http1::Builder::max_buf_size`).
 const MIN_HEADER_BYTES: u64 = 8 * 1024;
@@ -160,6 +161,8 @@ struct RawConfig {
     notifications: Option<RawNotifications>,
     routes: Option<Vec<RawRoute>>,
     limits: Option<RawLimits>,
+    logging: Option<RawLogging>,
+    metrics: Option<RawMetrics>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +334,28 @@ struct RawLimits {
     upstream_pool_max_idle_per_host: Option<Val<u64>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    level: Option<Val<String>>,
+    format: Option<RawLogFormat>,
+    access_log: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawLogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    key_id_labels: Option<bool>,
+}
+
 // ---------------------------------------------------------------------------
 // Entry point
 // ---------------------------------------------------------------------------
@@ -474,6 +499,12 @@ impl Validator<'_> {
         let notifications = self.notifications(raw.notifications.unwrap_or_default())?;
         let routes = self.routes(raw.routes.unwrap_or_default())?;
         let limits = self.limits(raw.limits.unwrap_or_default())?;
+        let logging = self.logging(raw.logging.unwrap_or_default())?;
+        let metrics = raw.metrics.unwrap_or_default();
+        let metrics = MetricsConfig {
+            enabled: metrics.enabled.unwrap_or(true),
+            key_id_labels: metrics.key_id_labels.unwrap_or(false),
+        };
         Ok(Config {
             source: None,
             listen,
@@ -487,6 +518,37 @@ impl Validator<'_> {
             notifications,
             routes,
             limits,
+            logging,
+            metrics,
+        })
+    }
+
+    fn logging(&self, raw: RawLogging) -> Result<LoggingConfig, ConfigError> {
+        let level = match &raw.level {
+            None => DEFAULT_LOG_LEVEL.to_owned(),
+            Some(v) => {
+                let text = v.value.trim();
+                if text.is_empty() {
+                    return Err(self.err(v.at, "logging.level", "must not be empty"));
+                }
+                if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(text) {
+                    let hint = "e.g. info, warn or info,keygate=debug";
+                    return Err(self.err(
+                        v.at,
+                        "logging.level",
+                        format!("invalid filter {text:?}: {e} ({hint})"),
+                    ));
+                }
+                text.to_owned()
+            }
+        };
+        Ok(LoggingConfig {
+            level,
+            format: match raw.format {
+                None | Some(RawLogFormat::Pretty) => LogFormat::Pretty,
+                Some(RawLogFormat::Json) => LogFormat::Json,
+            },
+            access_log: raw.access_log.unwrap_or(true),
         })
     }
 

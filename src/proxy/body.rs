@@ -2,42 +2,68 @@
 //!
 //! [`LimitedBody`] wraps the client's request body on its way upstream and
 //! counts bytes, so a chunked body that grows past the route's `max_body` is
-//! cut off (the upstream sees an aborted body) and the client gets 413.
+//! cut off (the upstream sees an aborted body) and the client gets 413; a
+//! body the client breaks (a malformed chunk, a disconnect) is 400, not 502.
 //! [`ProxyBody`] is what keygate answers with: the upstream's streamed body or
 //! a small in-memory one (errors).
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::forward::Lease;
+use crate::error::GatewayError;
+
 /// Error raised when a streamed body passes its limit.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the route's max_body")]
 pub struct BodyTooLarge;
 
+/// What went wrong with the client's body on its way upstream, if anything,
+/// so that a failed forward blames the client (413, 400) and not the
+/// upstream (502).
+#[derive(Debug, Default)]
+pub struct BodyFault(AtomicU8);
+
+impl BodyFault {
+    const TOO_LARGE: u8 = 1;
+    const BROKEN: u8 = 2;
+
+    /// The error to answer with instead of the forwarder's, if the body was
+    /// at fault (`limit` is the route's `max_body`).
+    pub fn error(&self, limit: u64) -> Option<GatewayError> {
+        match self.0.load(Ordering::Acquire) {
+            Self::TOO_LARGE => Some(GatewayError::PayloadTooLarge { limit }),
+            Self::BROKEN => Some(GatewayError::BadRequest(
+                "the request body is malformed or was cut off",
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// The client's body, counted against `limit`.
 pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
-    /// Set when the limit was hit, so the forwarder answers 413, not 502.
-    tripped: Arc<AtomicBool>,
+    fault: Arc<BodyFault>,
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<AtomicBool>) {
-        let tripped = Arc::new(AtomicBool::new(false));
+    pub fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<BodyFault>) {
+        let fault = Arc::new(BodyFault::default());
         (
             LimitedBody {
                 inner,
                 remaining: limit,
-                tripped: tripped.clone(),
+                fault: fault.clone(),
             },
-            tripped,
+            fault,
         )
     }
 }
@@ -55,14 +81,17 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > self.remaining {
-                        self.tripped.store(true, Ordering::Release);
+                        self.fault.0.store(BodyFault::TOO_LARGE, Ordering::Release);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     self.remaining -= len;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                self.fault.0.store(BodyFault::BROKEN, Ordering::Release);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -77,9 +106,69 @@ impl Body for LimitedBody {
     }
 }
 
+/// The upstream's response body. When it has been read to the end, its
+/// connection goes back to the pool (see [`super::forward`]); dropped before
+/// the end, the connection is closed with it.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, lease: Option<Lease>) -> UpstreamBody {
+        UpstreamBody { inner, lease }
+    }
+
+    fn release_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => self.release_if_done(),
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Bodiless answers (204, 304, HEAD) are never polled.
+        self.release_if_done();
+    }
+}
+
 /// A response body: streamed from the upstream, or a complete small one.
 pub enum ProxyBody {
-    Stream(Incoming),
+    Stream(UpstreamBody),
     Full(Option<Bytes>),
 }
 

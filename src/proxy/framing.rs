@@ -100,6 +100,19 @@ impl<S> FramingGuard<S> {
                         if data.is_empty() {
                             return;
                         }
+                        // The usual case: the whole head in this read. Judge
+                        // it in place, no copy.
+                        if let Some(i) = memchr::memmem::find(data, b"\r\n\r\n") {
+                            if data.starts_with(H2_PREFACE) {
+                                self.state = State::Off;
+                                return;
+                            }
+                            let (conflicted, next) = after_head(&data[..i + 4]);
+                            self.verdicts.push(conflicted);
+                            self.state = next;
+                            data = &data[i + 4..];
+                            continue;
+                        }
                     }
                     let start = self.line.len().saturating_sub(3);
                     self.line.extend_from_slice(data);
@@ -185,6 +198,10 @@ fn after_head(head: &[u8]) -> (bool, State) {
     let mut chunked = false;
     let mut has_te = false;
     for line in head.split(|&b| b == b'\n').skip(1) {
+        // Only two names matter; most lines start with another letter.
+        if !matches!(line.first(), Some(b'c' | b'C' | b't' | b'T')) {
+            continue;
+        }
         let line = trim_crlf(line);
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
@@ -216,7 +233,7 @@ fn after_head(head: &[u8]) -> (bool, State) {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 fn trim_crlf(line: &[u8]) -> &[u8] {

@@ -37,37 +37,45 @@ pub static X_KEYGATE_ACCESS: HeaderName = HeaderName::from_static("x-keygate-acc
 /// Removes hop-by-hop headers, and every header named in `Connection`.
 /// `Transfer-Encoding` is framing: hyper owns it on both sides.
 ///
-/// One scan of the (few) present names first: most messages carry no
-/// hop-by-hop header, and a scan is much cheaper than a hashed `remove` per
+/// One scan of the (few) present names first, remembering which hop-by-hop
+/// names are there: most messages carry none or only `Connection:
+/// keep-alive`, and a scan is much cheaper than a hashed `remove` per
 /// candidate name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut found = false;
-    let mut listed_by_connection = false;
+    // Bit i set: HOP_BY_HOP[i] is present; bit 8: Transfer-Encoding.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if is_hop_by_hop(name) {
-            found = true;
-            listed_by_connection |= name == header::CONNECTION;
+        if name == header::TRANSFER_ENCODING {
+            present |= 1 << HOP_BY_HOP.len();
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
         }
     }
-    if !found {
+    if present == 0 {
         return;
     }
-    if listed_by_connection {
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is Connection: drop every header it lists.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !is_hop_by_hop(name))
             .collect();
         for name in listed {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::TRANSFER_ENCODING);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -86,21 +94,23 @@ pub fn strip_keygate_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client address to `X-Forwarded-For`, as nginx's
-/// `$proxy_add_x_forwarded_for` does, and sets `X-Forwarded-Proto`/`-Host`.
+/// Appends the client address (see [`ip_header`]) to `X-Forwarded-For`, as
+/// nginx's `$proxy_add_x_forwarded_for` does, and sets `X-Forwarded-Proto` and
+/// `-Host`.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     https: bool,
     host: Option<&HeaderValue>,
 ) {
-    let mut ip_buf = [0u8; 64];
-    let ip = format_ip(client, &mut ip_buf);
     let xff = match join_existing(headers, &X_FORWARDED_FOR) {
-        Some(prev) => HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("{prev}, {ip}"))),
-        None => HeaderValue::from_str(ip),
+        Some(prev) => {
+            let ip = client.to_str().unwrap_or("unknown");
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("{prev}, {ip}"))).ok()
+        }
+        None => Some(client.clone()),
     };
-    if let Ok(v) = xff {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     let proto = if https { "https" } else { "http" };
@@ -109,6 +119,12 @@ pub fn add_forwarded(
         Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
         None => headers.remove(&X_FORWARDED_HOST),
     };
+}
+
+/// A client address as a header value, formatted once per connection.
+pub fn ip_header(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// All values of a header joined with ", " (`None` if absent or not text).
@@ -125,17 +141,6 @@ fn join_existing(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
         }
     }
     out
-}
-
-fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
-    use std::io::Write;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    // An IP address is at most 45 characters; the buffer is 64.
-    if write!(cursor, "{ip}").is_err() {
-        return "unknown";
-    }
-    let len = cursor.position() as usize;
-    std::str::from_utf8(&buf[..len]).unwrap_or("unknown")
 }
 
 #[cfg(test)]
@@ -192,7 +197,7 @@ mod tests {
         ]);
         add_forwarded(
             &mut h,
-            "192.0.2.7".parse().unwrap(),
+            &ip_header("192.0.2.7".parse().unwrap()),
             false,
             Some(&HeaderValue::from_static("api.example.com")),
         );
@@ -200,7 +205,7 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "::1".parse().unwrap(), true, None);
+        add_forwarded(&mut h, &ip_header("::1".parse().unwrap()), true, None);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

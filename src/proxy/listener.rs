@@ -2,9 +2,11 @@
 //!
 //! The hyper-util auto builder speaks HTTP/1.1 and HTTP/2 (h2c with prior
 //! knowledge, h2 via ALPN over TLS). Every limit is set explicitly: header read
-//! timeout, header count and size, h2 concurrent streams and the rapid-reset
-//! defences, TLS handshake timeout, and a cap on open connections (beyond it,
-//! new connections wait in the kernel's accept queue).
+//! timeout (which also bounds the wait for a connection's first request),
+//! header count and size (the count checked here for HTTP/2), h2 concurrent
+//! streams and the rapid-reset defences, TLS handshake timeout, and a cap on
+//! open connections (beyond it, new connections wait: one per worker accepted,
+//! the rest in the kernel's accept queue).
 //!
 //! Shutdown: when `shutdown` fires the loop stops accepting, tells every
 //! connection to finish its in-flight requests, and waits up to the grace.
@@ -12,6 +14,7 @@
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -27,6 +30,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::body::ProxyBody;
 use super::framing::{FramingGuard, Verdicts};
 use super::{ConnInfo, Gateway};
 use crate::config::{LimitsConfig, TlsConfig};
@@ -81,25 +85,20 @@ pub fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves the data plane on `listener` until `shutdown`, then drains.
+/// Serves the data plane on `listener` until `shutdown`, then drains. Each
+/// connection holds one of `slots` (the `max_connections` cap, shared by the
+/// workers) while it is open.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     tls: Option<TlsAcceptor>,
     limits: LimitsConfig,
+    slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -112,12 +111,24 @@ pub async fn serve(
                 }
             },
         };
+        // A slot is taken for an accepted connection, not ahead of one: with
+        // several workers, a slot held by a worker waiting in `accept` could
+        // not serve a connection queued on another worker's socket. Past the
+        // cap, this worker holds the one connection and stops accepting.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let verdicts = Verdicts::default();
         let conn = Arc::new(ConnInfo {
             peer,
+            peer_ip: super::headers::ip_header(peer.ip()),
             https: tls.is_some(),
             verdicts: verdicts.clone(),
         });
@@ -127,18 +138,29 @@ pub async fn serve(
         let builder = builder.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.tls_handshake_timeout;
+        let (head_timeout, max_fields) = (limits.header_read_timeout, limits.max_headers);
         tokio::spawn(async move {
             let _permit = permit;
+            let started = Arc::new(AtomicBool::new(false));
+            let seen = started.clone();
             let service = service_fn(move |req: http::Request<Incoming>| {
+                seen.store(true, Ordering::Relaxed);
                 let gateway = gateway.clone();
                 let conn = conn.clone();
-                async move { Ok::<_, Infallible>(gateway.handle(req, &conn).await) }
+                async move {
+                    // HTTP/1 heads are counted by hyper; h2 caps only bytes.
+                    if req.headers().len() > max_fields {
+                        return Ok(too_many_fields());
+                    }
+                    Ok::<_, Infallible>(gateway.handle(req, &conn).await)
+                }
             });
             match tls {
                 None => {
                     let stream = FramingGuard::new(stream, max_head, verdicts);
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    finish(watcher.watch(conn.into_owned()).await);
+                    let conn = watcher.watch(conn.into_owned());
+                    finish(until_first_request(conn, &started, head_timeout).await);
                 }
                 Some(acceptor) => {
                     let Some(tls_stream) = handshake(&acceptor, stream, handshake_timeout).await
@@ -147,7 +169,8 @@ pub async fn serve(
                     };
                     let tls_stream = FramingGuard::new(tls_stream, max_head, verdicts);
                     let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
-                    finish(watcher.watch(conn.into_owned()).await);
+                    let conn = watcher.watch(conn.into_owned());
+                    finish(until_first_request(conn, &started, head_timeout).await);
                 }
             }
         });
@@ -180,7 +203,38 @@ async fn handshake(
     }
 }
 
-fn finish(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+type ConnResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Serves `conn`, but drops it if no request has begun within `limit`:
+/// hyper's header timeout starts only once the protocol is known, so a silent
+/// connection, an HTTP/2 preface sent a byte at a time or an h2c connection
+/// that never opens a stream would otherwise hold a connection slot forever.
+async fn until_first_request(
+    conn: impl Future<Output = ConnResult>,
+    started: &AtomicBool,
+    limit: Duration,
+) -> ConnResult {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        done = &mut conn => return done,
+        () = tokio::time::sleep(limit) => {}
+    }
+    if !started.load(Ordering::Relaxed) {
+        tracing::debug!("no request within the header read timeout; closing");
+        return Ok(());
+    }
+    conn.await
+}
+
+/// 431 for an HTTP/2 request with more header fields than
+/// `limits.max_headers`, with no body, like hyper's own 431 for HTTP/1.
+fn too_many_fields() -> http::Response<ProxyBody> {
+    let mut resp = http::Response::new(ProxyBody::empty());
+    *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    resp
+}
+
+fn finish(result: ConnResult) {
     if let Err(e) = result {
         // Client resets, header timeouts and malformed requests land here;
         // they are the client's problem, not keygate's.

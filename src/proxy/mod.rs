@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -28,6 +28,7 @@ use crate::config::{Config, RouteAuth};
 use crate::error::GatewayError;
 use crate::lifecycle::usage::{Outcome, UsageRecorder};
 use crate::ratelimit::{self, RateHeaders, RateLimits};
+use crate::telemetry::request::{Done, Exchange, RequestTelemetry};
 use body::{LimitedBody, ProxyBody};
 use headers::X_REQUEST_ID;
 use route::{Route, RouteTable};
@@ -36,12 +37,19 @@ use route::{Route, RouteTable};
 pub struct Compiled {
     pub config: Arc<Config>,
     pub routes: RouteTable,
+    /// The record stage's switches and per-route metric handles.
+    pub telemetry: RequestTelemetry,
 }
 
 impl Compiled {
     pub fn new(config: Arc<Config>) -> Compiled {
         let routes = RouteTable::new(&config.routes);
-        Compiled { config, routes }
+        let telemetry = RequestTelemetry::new(&config);
+        Compiled {
+            config,
+            routes,
+            telemetry,
+        }
     }
 }
 
@@ -49,6 +57,8 @@ impl Compiled {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as a header value (`X-Forwarded-For`), formatted once.
+    pub peer_ip: HeaderValue,
     pub https: bool,
     /// Framing verdicts for this connection's HTTP/1 requests, in order.
     pub verdicts: framing::Verdicts,
@@ -70,7 +80,7 @@ struct Shared {
 /// (pooled connections belong to the runtime that opened them).
 pub struct Gateway {
     shared: Arc<Shared>,
-    client: forward::HttpClient,
+    upstreams: forward::Upstreams,
 }
 
 impl Gateway {
@@ -80,7 +90,7 @@ impl Gateway {
         usage: Arc<UsageRecorder>,
         limits: Arc<RateLimits>,
     ) -> Gateway {
-        let client = forward::build_client(&config.limits);
+        let upstreams = forward::Upstreams::new(&config.limits);
         let shared = Shared {
             compiled: ArcSwap::from_pointee(Compiled::new(config)),
             auth,
@@ -90,16 +100,15 @@ impl Gateway {
         };
         Gateway {
             shared: Arc::new(shared),
-            client,
+            upstreams,
         }
     }
 
     /// A gateway for another runtime: same shared state, its own upstream pool.
     pub fn worker(&self) -> Gateway {
-        let client = forward::build_client(&self.config().limits);
         Gateway {
             shared: self.shared.clone(),
-            client,
+            upstreams: forward::Upstreams::new(&self.config().limits),
         }
     }
 
@@ -129,36 +138,61 @@ impl Gateway {
 
     /// Handles one request; never fails (errors become problem+json answers).
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let compiled = self.shared.compiled.load_full();
+        let started = compiled.telemetry.start(&req);
         let request_id = self.shared.ids.for_request(req.headers());
         let mut rate = None;
-        let mut resp = match self.proxy(req, conn, &request_id, &mut rate).await {
+        let mut exchange = Exchange {
+            timed: started.is_some(),
+            ..Exchange::default()
+        };
+        let proxied = self
+            .proxy(&compiled, req, conn, &request_id, &mut rate, &mut exchange)
+            .await;
+        let (mut resp, error) = match proxied {
             Ok(mut resp) => {
                 resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-                resp
+                (resp, None)
             }
-            Err(e) => problem(&e, &request_id),
+            Err(e) => (problem(&e, &request_id), Some(e)),
         };
         // Once the rate-limit stage ran, every answer carries its fields.
         if let Some(h) = rate {
             h.apply(resp.headers_mut());
         }
+        // Record stage: metrics and the access line (see `telemetry`).
+        if let Some(started) = started {
+            let done = Done {
+                exchange: &exchange,
+                status: resp.status(),
+                error: error.as_ref(),
+                request_id: resp.headers().get(&X_REQUEST_ID),
+                client: conn.peer.ip(),
+                bytes_out: resp.body().size_hint().exact(),
+            };
+            compiled.telemetry.finish(started, done);
+        }
         resp
     }
 
-    async fn proxy(
+    async fn proxy<'c>(
         &self,
+        compiled: &'c Compiled,
         req: Request<Incoming>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
         rate: &mut Option<RateHeaders>,
+        exchange: &mut Exchange<'c>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         check_framing(&req, conn)?;
-        let compiled = self.shared.compiled.load_full();
         let config = &compiled.config;
-        let (route, normalized) = find_route(&compiled, &req)?;
+        let (route, normalized) = find_route(compiled, &req)?;
+        exchange.route = Some(&route.name);
         check_declared_length(&req, route)?;
-        let (principal, credential_header) = self.authenticate(config, route, &req, conn).await?;
-        if let Some(key) = &principal {
+        let principal = self.authenticate(config, route, &req, conn).await?;
+        exchange.key = principal;
+        let principal = &exchange.key;
+        if let Some(key) = principal {
             auth::authorize(key, &route.config, req.method())
                 .inspect_err(|_| self.shared.usage.record(&key.record.id, Outcome::Denied))?;
             self.rate_limit(config, route, key, rate)
@@ -169,43 +203,43 @@ impl Gateway {
                         .record(&key.record.id, Outcome::RateLimited)
                 })?;
         }
-        let (upstream_req, tripped) = rewrite_request(
+        let (upstream_req, body_fault) = rewrite_request(
             req,
             route,
             RewriteContext {
                 principal: principal
                     .as_deref()
                     .filter(|_| config.forward.identity_headers),
-                credential_header,
+                credentials: principal.as_ref().map(|_| &config.keys.headers[..]),
                 conn,
                 request_id,
                 normalized_path: normalized.as_deref(),
             },
         )?;
-        if let Some(key) = &principal {
+        if let Some(key) = principal {
             self.shared.usage.record(&key.record.id, Outcome::Allowed);
         }
-        let resp = forward::forward(&self.client, upstream_req, route.config.timeout).await;
-        let resp = resp.map_err(|e| match tripped.load(Ordering::Acquire) {
-            true => GatewayError::PayloadTooLarge {
-                limit: route.config.max_body,
-            },
-            false => e,
-        })?;
+        let sent = exchange.timed.then(std::time::Instant::now);
+        let resp = self
+            .upstreams
+            .forward(upstream_req, route, &compiled.routes)
+            .await;
+        exchange.upstream_elapsed = sent.map(|t| t.elapsed());
+        exchange.upstream_status = resp.as_ref().ok().map(|r| r.status());
+        let resp = resp.map_err(|e| body_fault.error(route.config.max_body).unwrap_or(e))?;
         Ok(rewrite_response(resp))
     }
 
-    /// The verify stage: `None` on public routes, otherwise a verified key and
-    /// the header that carried it (stripped before forwarding).
+    /// The verify stage: `None` on public routes, otherwise the verified key.
     async fn authenticate(
         &self,
         config: &Config,
         route: &Route,
         req: &Request<Incoming>,
         conn: &ConnInfo,
-    ) -> Result<(Option<Principal>, Option<HeaderName>), GatewayError> {
+    ) -> Result<Option<Principal>, GatewayError> {
         if route.config.auth == RouteAuth::None {
-            return Ok((None, None));
+            return Ok(None);
         }
         let auth = &self.shared.auth;
         if !auth.cache.api_keys_enabled() {
@@ -219,7 +253,7 @@ impl Gateway {
         let verified: Result<_, GatewayError> = async {
             let credential = auth::extract(req.headers(), &config.keys.headers)?;
             let key = auth.verify(&config.keys.prefix, credential.token).await?;
-            Ok((Some(key), Some(credential.header.clone())))
+            Ok(Some(key))
         }
         .await;
         verified.inspect_err(|e| limits.record_failure(ip, rl.failed_auth_per_ip_per_minute, e))
@@ -320,7 +354,8 @@ fn check_declared_length(req: &Request<Incoming>, route: &Route) -> Result<(), G
 
 struct RewriteContext<'a> {
     principal: Option<&'a crate::cache::CachedKey>,
-    credential_header: Option<HeaderName>,
+    /// The credential headers to strip (a key was verified).
+    credentials: Option<&'a [crate::config::CredentialHeader]>,
     conn: &'a ConnInfo,
     request_id: &'a HeaderValue,
     normalized_path: Option<&'a str>,
@@ -331,24 +366,21 @@ fn rewrite_request(
     req: Request<Incoming>,
     route: &Route,
     ctx: RewriteContext<'_>,
-) -> Result<(Request<LimitedBody>, Arc<std::sync::atomic::AtomicBool>), GatewayError> {
+) -> Result<(Request<LimitedBody>, Arc<body::BodyFault>), GatewayError> {
     let (mut parts, body) = req.into_parts();
     let original_host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(header::HOST).cloned(),
     };
     let h = &mut parts.headers;
+    // Room for what is added below, so the map grows at most once.
+    h.reserve(12);
     headers::strip_hop_by_hop(h);
     headers::strip_keygate_headers(h);
-    if let Some(name) = ctx.credential_header {
-        h.remove(name);
+    if let Some(sources) = ctx.credentials {
+        auth::strip_credentials(h, sources);
     }
-    headers::add_forwarded(
-        h,
-        ctx.conn.peer.ip(),
-        ctx.conn.https,
-        original_host.as_ref(),
-    );
+    headers::add_forwarded(h, &ctx.conn.peer_ip, ctx.conn.https, original_host.as_ref());
     h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(key) = ctx.principal {
         h.insert(headers::X_KEYGATE_KEY_ID.clone(), key.key_id_header.clone());
@@ -360,38 +392,33 @@ fn rewrite_request(
     h.insert(header::HOST, route.upstream_host.clone());
     parts.uri = upstream_uri(&parts.uri, route, ctx.normalized_path)?;
     parts.version = Version::HTTP_11;
-    let (body, tripped) = LimitedBody::new(body, route.config.max_body);
-    Ok((Request::from_parts(parts, body), tripped))
+    let (body, fault) = LimitedBody::new(body, route.config.max_body);
+    Ok((Request::from_parts(parts, body), fault))
 }
 
-/// `scheme://authority` of the upstream + its base path + the request path and query.
+/// The upstream request's target in origin form: the upstream's base path +
+/// the request path and query.
 fn upstream_uri(uri: &Uri, route: &Route, normalized: Option<&str>) -> Result<Uri, GatewayError> {
-    let path_and_query = if route.upstream_base.is_empty() && normalized.is_none() {
-        match uri.path_and_query() {
+    if route.upstream_base.is_empty() && normalized.is_none() {
+        let pq = match uri.path_and_query() {
             Some(pq) => pq.clone(),
             None => http::uri::PathAndQuery::from_static("/"),
-        }
-    } else {
-        let path = normalized.unwrap_or(uri.path());
-        let mut s = String::with_capacity(route.upstream_base.len() + uri_len(uri) + 1);
-        s.push_str(&route.upstream_base);
-        s.push_str(path);
-        if let Some(q) = uri.query() {
-            s.push('?');
-            s.push_str(q);
-        }
-        s.parse().map_err(|_| GatewayError::BadPath)?
-    };
-    Uri::builder()
-        .scheme(route.upstream_scheme.clone())
-        .authority(route.upstream_authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| GatewayError::BadPath)
+        };
+        return Ok(Uri::from(pq));
+    }
+    let path = normalized.unwrap_or(uri.path());
+    let mut s = String::with_capacity(route.upstream_base.len() + uri_len(uri) + 1);
+    s.push_str(&route.upstream_base);
+    s.push_str(path);
+    if let Some(q) = uri.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    s.parse().map_err(|_| GatewayError::BadPath)
 }
 
 /// Stream-back stage: the upstream's answer minus its hop-by-hop headers.
-fn rewrite_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn rewrite_response(resp: Response<body::UpstreamBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ProxyBody::Stream(body))

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{PathMatch, RouteConfig};
 
@@ -24,6 +25,11 @@ pub struct Route {
     pub upstream_base: String,
     /// `Host` header value sent upstream.
     pub upstream_host: http::HeaderValue,
+    /// `host:port` to connect to (the scheme's default port filled in).
+    pub upstream_addr: Arc<str>,
+    /// Index of this route's upstream (`scheme://authority`) among the
+    /// table's distinct upstreams: routes to one upstream share a pool slot.
+    pub upstream_slot: usize,
     /// `RateLimit-Policy` fragment for this route's own limit, if any.
     pub name: Arc<str>,
 }
@@ -58,6 +64,10 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Distinct upstreams (`scheme://authority`), indexed by `upstream_slot`.
+    upstreams: Vec<String>,
+    /// Unique per table, so pools keyed by slot notice a reload.
+    generation: u64,
     by_host: HashMap<String, Group>,
     any_host: Group,
 }
@@ -65,9 +75,22 @@ pub struct RouteTable {
 impl RouteTable {
     /// Builds the table. The config layer has already validated the routes.
     pub fn new(configs: &[RouteConfig]) -> RouteTable {
-        let mut table = RouteTable::default();
+        static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+        let mut table = RouteTable {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            ..RouteTable::default()
+        };
         for (i, rc) in configs.iter().enumerate() {
-            table.routes.push(Arc::new(compile(rc)));
+            let mut route = compile(rc);
+            let upstream = format!("{}://{}", route.upstream_scheme, route.upstream_addr);
+            route.upstream_slot = match table.upstreams.iter().position(|u| *u == upstream) {
+                Some(slot) => slot,
+                None => {
+                    table.upstreams.push(upstream);
+                    table.upstreams.len() - 1
+                }
+            };
+            table.routes.push(Arc::new(route));
             let group = match &rc.host {
                 Some(h) => table.by_host.entry(h.clone()).or_default(),
                 None => &mut table.any_host,
@@ -114,6 +137,16 @@ impl RouteTable {
         self.routes.len()
     }
 
+    /// How many distinct upstreams the routes name.
+    pub fn upstream_count(&self) -> usize {
+        self.upstreams.len()
+    }
+
+    /// Identifies this table among every table built by this process.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
@@ -132,12 +165,19 @@ fn compile(rc: &RouteConfig) -> Route {
         .unwrap_or_default();
     let host = http::HeaderValue::from_str(authority.as_str())
         .unwrap_or_else(|_| http::HeaderValue::from_static("localhost"));
+    let port = authority.port_u16().unwrap_or(match scheme.as_str() {
+        "https" => 443,
+        _ => 80,
+    });
+    let addr = format!("{}:{port}", authority.host());
     Route {
         config: rc.clone(),
         upstream_scheme: scheme,
         upstream_authority: authority,
         upstream_base: base,
         upstream_host: host,
+        upstream_addr: addr.into(),
+        upstream_slot: 0,
         name: rc.name.as_str().into(),
     }
 }

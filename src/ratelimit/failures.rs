@@ -10,6 +10,12 @@
 //! So with the default of 60, the 61st bad attempt within a minute is refused,
 //! and a guesser is then held to one attempt per second.
 //!
+//! The refusal carries `Retry-After` and no `RateLimit-Policy` / `RateLimit`
+//! fields (DESIGN.md section 4 names only `Retry-After` for it): those fields
+//! describe the quotas of the presented key, which is not even looked at
+//! here, and advertising how many failures an address has left would only
+//! help a guesser pace itself below the limit.
+//!
 //! The count is per instance. Memory is bounded like the key limits: states
 //! of IPs whose bucket is full again are dropped by the periodic sweep.
 //!

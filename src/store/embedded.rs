@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{
-    Collector, Event, EventFilter, Invalidation, KeyStore, ListFilter, Page, Settings, StoreError,
-    UsageCounts, UsageDelta, UsageHour, event_prune_bounds, hour_start,
+    Collector, Event, EventFilter, Invalidation, InvalidationBus, KeyStore, ListFilter, ListProbe,
+    Page, Settings, StoreError, UsageCounts, UsageDelta, UsageHour, event_prune_bounds, hour_start,
 };
 use crate::keys::{KeyId, KeyRecord, TokenHash};
 
@@ -72,7 +72,7 @@ struct Lease {
 /// A redb-backed [`KeyStore`] in one file.
 pub struct EmbeddedStore {
     db: Arc<Database>,
-    invalidations: broadcast::Sender<Invalidation>,
+    invalidations: InvalidationBus,
     path: PathBuf,
 }
 
@@ -118,7 +118,7 @@ impl EmbeddedStore {
             txn.open_table(LEADER)?;
         }
         txn.commit()?;
-        let (invalidations, _) = broadcast::channel(super::INVALIDATION_CAPACITY);
+        let invalidations = InvalidationBus::default();
         Ok(EmbeddedStore {
             db: Arc::new(db),
             invalidations,
@@ -172,10 +172,7 @@ impl EmbeddedStore {
     }
 
     fn notify(&self, inv: Invalidation) {
-        // An error only means nobody is subscribed, so nothing is cached to drop.
-        if self.invalidations.send(inv).is_err() {
-            tracing::trace!("invalidation sent with no subscribers");
-        }
+        self.invalidations.send(inv);
     }
 }
 
@@ -312,10 +309,13 @@ impl KeyStore for EmbeddedStore {
             let last_used = txn.open_table(LAST_USED)?;
             let mut out = Collector::new(filter.limit);
             let after = filter.after.as_ref().map(|a| a.as_str());
-            let mut offer = |mut rec: KeyRecord| -> Result<bool, StoreError> {
-                if !filter.matches(&rec, now) {
+            // Offers the stored record `json` (read within the budget), decoding
+            // it whole only when it matches; whether the scan goes on.
+            let offer = |out: &mut Collector<KeyRecord>, json: &[u8]| -> Result<bool, StoreError> {
+                if !filter.matches_probe(&ListProbe::of(json)?, now) {
                     return Ok(true);
                 }
+                let mut rec = decode_record(json)?;
                 merge_last_used(&mut rec, &last_used)?;
                 Ok(out.offer(rec))
             };
@@ -329,11 +329,11 @@ impl KeyStore for EmbeddedStore {
                 for entry in owners.range::<(&str, &str)>((start, Bound::Unbounded))? {
                     let (key, _) = entry?;
                     let (o, id) = key.value();
-                    if o != owner {
+                    if o != owner || !out.examine(id) {
                         break;
                     }
-                    if let Some(rec) = load_record(&records, id)?
-                        && !offer(rec)?
+                    if let Some(json) = records.get(id)?
+                        && !offer(&mut out, json.value())?
                     {
                         break;
                     }
@@ -341,8 +341,8 @@ impl KeyStore for EmbeddedStore {
             } else {
                 let start = after.map_or(Bound::Unbounded, Bound::Excluded);
                 for entry in records.range::<&str>((start, Bound::Unbounded))? {
-                    let (_, value) = entry?;
-                    if !offer(decode_record(value.value())?)? {
+                    let (id, value) = entry?;
+                    if !out.examine(id.value()) || !offer(&mut out, value.value())? {
                         break;
                     }
                 }
@@ -631,6 +631,10 @@ impl KeyStore for EmbeddedStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
         self.invalidations.subscribe()
+    }
+
+    fn invalidations_sent(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        Some(self.invalidations.sent())
     }
 }
 

@@ -51,8 +51,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Collector, Event, EventFilter, Invalidation, KeyStore, ListFilter, Page, Settings, StoreError,
-    UsageCounts, UsageDelta, UsageHour, event_prune_bounds, hour_start,
+    Collector, Event, EventFilter, Invalidation, InvalidationBus, KeyStore, ListFilter, ListProbe,
+    Page, Settings, StoreError, UsageCounts, UsageDelta, UsageHour, event_prune_bounds, hour_start,
 };
 use crate::keys::{KeyId, KeyRecord, TokenHash};
 
@@ -249,7 +249,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     keys: Layout,
     scripts: Scripts,
-    invalidations: broadcast::Sender<Invalidation>,
+    invalidations: InvalidationBus,
     /// Stops the pub/sub task when the store is dropped.
     stop: CancellationToken,
 }
@@ -300,7 +300,7 @@ impl RedisStore {
         let keys = Layout::new(prefix);
         let channel = keys.channel();
         let first = bounded(CONNECT_TIMEOUT * 2, open_subscription(&client, &channel)).await?;
-        let (invalidations, _) = broadcast::channel(super::INVALIDATION_CAPACITY);
+        let invalidations = InvalidationBus::default();
         let stop = CancellationToken::new();
         tokio::spawn(run_subscriber(
             Subscriber {
@@ -339,10 +339,7 @@ impl RedisStore {
     }
 
     fn notify(&self, inv: Invalidation) {
-        // An error only means nobody is subscribed, so nothing is cached to drop.
-        if self.invalidations.send(inv).is_err() {
-            tracing::trace!("invalidation sent with no subscribers");
-        }
+        self.invalidations.send(inv);
     }
 
     /// Reads a record's stored JSON and its last-used time in one round trip.
@@ -365,10 +362,18 @@ impl RedisStore {
         Ok(Some((json, rec)))
     }
 
-    /// Fetches records for `ids` (one round trip), skipping ids deleted meanwhile.
-    async fn load_many(&self, ids: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
+    /// Offers the records of `ids` (one round trip; ids deleted meanwhile are
+    /// skipped) that match `filter` to `out`, each counted against its scan
+    /// budget and decoded whole only when it matches; whether the scan goes on.
+    async fn offer_many(
+        &self,
+        ids: &[String],
+        filter: &ListFilter,
+        now: DateTime<Utc>,
+        out: &mut Collector<KeyRecord>,
+    ) -> Result<bool, StoreError> {
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(true);
         }
         let rec_keys: Vec<String> = ids.iter().map(|id| self.keys.rec(id)).collect();
         let (jsons, lasts): (Vec<Option<String>>, Vec<Option<i64>>) = self
@@ -381,15 +386,21 @@ impl RedisStore {
                     .arg(ids),
             ))
             .await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (json, last) in jsons.into_iter().zip(lasts) {
-            if let Some(json) = json {
-                let mut rec = decode_record(&json)?;
-                merge_last_used(&mut rec, last);
-                out.push(rec);
+        for ((id, json), last) in ids.iter().zip(jsons).zip(lasts) {
+            let Some(json) = json else { continue };
+            if !out.examine(id) {
+                return Ok(false);
+            }
+            if !filter.matches_probe(&ListProbe::of(json.as_bytes())?, now) {
+                continue;
+            }
+            let mut rec = decode_record(&json)?;
+            merge_last_used(&mut rec, last);
+            if !out.offer(rec) {
+                return Ok(false);
             }
         }
-        Ok(out)
+        Ok(true)
     }
 
     /// One page of ids from a score-0 sorted set, strictly after `after`.
@@ -594,25 +605,21 @@ impl KeyStore for RedisStore {
                 .await?;
             ids.retain(|id| after.is_none_or(|a| id.as_str() > a));
             ids.sort_unstable();
-            'scan: for chunk in ids.chunks(SCAN_BATCH) {
-                for rec in self.load_many(chunk).await? {
-                    if filter.matches(&rec, now) && !out.offer(rec) {
-                        break 'scan;
-                    }
+            for chunk in ids.chunks(SCAN_BATCH) {
+                if !self.offer_many(chunk, filter, now, &mut out).await? {
+                    break;
                 }
             }
         } else {
             let zset = self.keys.ids();
             let mut cursor = after.map(str::to_owned);
-            'scan: loop {
+            loop {
                 let ids = self.ids_after(&zset, cursor.as_deref(), SCAN_BATCH).await?;
                 let Some(last) = ids.last().cloned() else {
                     break;
                 };
-                for rec in self.load_many(&ids).await? {
-                    if filter.matches(&rec, now) && !out.offer(rec) {
-                        break 'scan;
-                    }
+                if !self.offer_many(&ids, filter, now, &mut out).await? {
+                    break;
                 }
                 if ids.len() < SCAN_BATCH {
                     break;
@@ -952,6 +959,10 @@ impl KeyStore for RedisStore {
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
         self.invalidations.subscribe()
     }
+
+    fn invalidations_sent(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        Some(self.invalidations.sent())
+    }
 }
 
 /// Opens a dedicated pub/sub connection subscribed to `channel`.
@@ -970,7 +981,7 @@ struct Subscriber {
     channel: String,
     /// The store's command connection, warmed up after a reconnect.
     commands: ConnectionManager,
-    local: broadcast::Sender<Invalidation>,
+    local: InvalidationBus,
     stop: CancellationToken,
 }
 
@@ -1003,9 +1014,7 @@ async fn run_subscriber(sub: Subscriber, first: (PubSubSink, PubSubStream)) {
                                 tracing::warn!(error = %e, "redis commands not back yet");
                             }
                             // Messages sent while we were away are lost.
-                            if local.send(Invalidation::All).is_err() {
-                                tracing::trace!("no invalidation subscribers");
-                            }
+                            local.send(Invalidation::All);
                             Some(conn)
                         }
                         Err(e) => {
@@ -1040,7 +1049,7 @@ enum Pumped {
 async fn pump(
     mut sink: PubSubSink,
     mut stream: PubSubStream,
-    local: &broadcast::Sender<Invalidation>,
+    local: &InvalidationBus,
     stop: &CancellationToken,
 ) -> Pumped {
     let mut ping = tokio::time::interval(PUBSUB_PING_EVERY);
@@ -1054,11 +1063,7 @@ async fn pump(
                     return Pumped::Lost("stream closed");
                 };
                 match serde_json::from_slice::<Invalidation>(msg.get_payload_bytes()) {
-                    Ok(inv) => {
-                        if local.send(inv).is_err() {
-                            tracing::trace!("no invalidation subscribers");
-                        }
-                    }
+                    Ok(inv) => local.send(inv),
                     Err(e) => tracing::warn!(error = %e, "ignoring an undecodable invalidation"),
                 }
             }

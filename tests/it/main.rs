@@ -2,11 +2,15 @@
 //! harness in `common`.
 
 mod admin;
+mod attacks;
 mod auth;
 mod cli_config;
 mod cli_keys;
 mod common;
+mod kill_switch;
 mod lifecycle;
+mod ops;
 mod proxy;
 mod ratelimit;
 mod store;
+mod ui;

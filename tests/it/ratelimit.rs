@@ -619,6 +619,12 @@ async fn failed_auth_per_ip_blocks_the_61st_attempt() {
         .parse()
         .unwrap();
     assert_eq!(retry, 1, "one attempt per second is earned back\n{resp}");
+    // Retry-After only (DESIGN.md section 4): the RateLimit fields describe
+    // the key's quotas, and this answer comes before any key is looked at;
+    // a count of failures left would only help a guesser pace itself.
+    for field in ["ratelimit", "ratelimit-policy"] {
+        assert_eq!(resp.header(field), None, "no {field} field\n{resp}");
+    }
     println!("61st failed attempt refused {elapsed:?} after the first");
     // Refused before the key is looked at: even the right key is refused.
     let resp = kg

@@ -1,0 +1,380 @@
+//! The access log: one line per proxied request on the target [`TARGET`],
+//! a JSON object per line with `logging.format: json`, `key=value` pairs in
+//! the compact text format otherwise.
+//!
+//! Fields: `request_id`, `client`, `method`, `path` (through
+//! [`super::redact`]), `route`, `status`, `code` (the problem code, or
+//! `upstream` when the upstream answered), `key_id` and `owner` (never the
+//! key), `upstream_status`, `duration_ms` (request head to response head),
+//! `upstream_ms`, `bytes_in` and `bytes_out` (declared sizes). A field that does
+//! not apply (no route, no key, no upstream call, no declared size) is left out.
+//!
+//! Cost: the line is written by hand into a reused per-thread buffer (no
+//! `tracing` field visitors, no `fmt` machinery) and handed to the log
+//! writer's thread ([`super::init`] installs the sink). It keeps the shape of
+//! the process's other log lines (`timestamp`, `level`, `target`, `message`).
+//! Without an installed sink (a library user with its own subscriber) the
+//! line goes through `tracing` as an ordinary event.
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::redact::Redactor;
+use super::request::{Done, Head, UPSTREAM_CODE};
+
+/// The `tracing` target of access lines.
+pub const TARGET: &str = "keygate::access";
+
+/// Where access lines go: the log writer's queue, and in which format.
+pub(super) struct Sink {
+    pub writer: tracing_appender::non_blocking::NonBlocking,
+    pub json: bool,
+}
+
+/// The fields of one line, borrowed from the request.
+struct Line<'a> {
+    request_id: Option<&'a str>,
+    client: std::net::IpAddr,
+    method: &'a str,
+    path: &'a str,
+    route: Option<&'a str>,
+    status: u16,
+    code: &'a str,
+    key_id: Option<&'a str>,
+    owner: Option<&'a str>,
+    upstream_status: Option<u16>,
+    duration: Duration,
+    upstream: Option<Duration>,
+    bytes_in: Option<u64>,
+    bytes_out: Option<u64>,
+}
+
+/// Writes the access line of one request.
+pub(super) fn write(redactor: &Redactor, head: &Head, done: &Done<'_>, elapsed: Duration) {
+    if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        return;
+    }
+    let target = head
+        .uri
+        .path_and_query()
+        .map_or(head.uri.path(), |pq| pq.as_str());
+    let path = redactor.target(target);
+    let key = done.exchange.key.as_deref().map(|k| &k.record);
+    let line = Line {
+        request_id: done.request_id.and_then(|v| v.to_str().ok()),
+        client: done.client,
+        method: head.method.as_str(),
+        path: &path,
+        route: done.exchange.route.map(|r| &**r),
+        status: done.status.as_u16(),
+        code: done.error.map_or(UPSTREAM_CODE, |e| e.code()),
+        key_id: key.map(|k| k.id.as_str()),
+        owner: key.map(|k| k.owner.as_str()),
+        upstream_status: done.exchange.upstream_status.map(|s| s.as_u16()),
+        duration: elapsed,
+        upstream: done.exchange.upstream_elapsed,
+        bytes_in: head.bytes_in,
+        bytes_out: done.bytes_out,
+    };
+    match super::access_sink() {
+        Some(sink) => line.write_to(sink),
+        None => line.trace(),
+    }
+}
+
+thread_local! {
+    static BUFFER: RefCell<Buffer> = RefCell::new(Buffer::default());
+}
+
+/// A line being written, plus the formatted current second (timestamps of
+/// consecutive lines share it).
+#[derive(Default)]
+struct Buffer {
+    text: String,
+    second: u64,
+    second_text: String,
+}
+
+impl Line<'_> {
+    fn write_to(&self, sink: &Sink) {
+        BUFFER.with(|b| {
+            let Ok(mut b) = b.try_borrow_mut() else {
+                return self.trace();
+            };
+            let b = &mut *b;
+            b.text.clear();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            if b.second != now.as_secs() || b.second_text.is_empty() {
+                b.second = now.as_secs();
+                b.second_text = chrono::DateTime::from_timestamp(now.as_secs() as i64, 0)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%S").to_string())
+                    .unwrap_or_default();
+            }
+            let mut w = Writer {
+                out: &mut b.text,
+                json: sink.json,
+            };
+            w.timestamp(&b.second_text, now.subsec_micros());
+            self.fields(&mut w);
+            w.end();
+            // The writer's queue takes the bytes; when it is full the line is
+            // dropped and counted (keygate_log_lines_dropped_total).
+            let _ = sink.writer.clone().write_all(b.text.as_bytes());
+        });
+    }
+
+    fn fields(&self, w: &mut Writer<'_>) {
+        if let Some(id) = self.request_id {
+            w.str("request_id", id);
+        }
+        w.ip("client", self.client);
+        w.str("method", self.method);
+        w.str("path", self.path);
+        if let Some(r) = self.route {
+            w.str("route", r);
+        }
+        w.uint("status", u64::from(self.status));
+        w.str("code", self.code);
+        if let Some(k) = self.key_id {
+            w.str("key_id", k);
+        }
+        if let Some(o) = self.owner {
+            w.str("owner", o);
+        }
+        if let Some(s) = self.upstream_status {
+            w.uint("upstream_status", u64::from(s));
+        }
+        w.millis("duration_ms", self.duration);
+        if let Some(u) = self.upstream {
+            w.millis("upstream_ms", u);
+        }
+        if let Some(n) = self.bytes_in {
+            w.uint("bytes_in", n);
+        }
+        if let Some(n) = self.bytes_out {
+            w.uint("bytes_out", n);
+        }
+    }
+
+    /// The line as a `tracing` event, for subscribers keygate did not install.
+    fn trace(&self) {
+        tracing::info!(
+            target: TARGET,
+            request_id = self.request_id,
+            client = %self.client,
+            method = self.method,
+            path = self.path,
+            route = self.route,
+            status = self.status,
+            code = self.code,
+            key_id = self.key_id,
+            owner = self.owner,
+            upstream_status = self.upstream_status,
+            duration_ms = millis(self.duration),
+            upstream_ms = self.upstream.map(millis),
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            "request"
+        );
+    }
+}
+
+/// Milliseconds with microsecond precision.
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// Appends fields in JSON (`"name":value,`) or text (` name=value`) form.
+struct Writer<'a> {
+    out: &'a mut String,
+    json: bool,
+}
+
+impl Writer<'_> {
+    fn timestamp(&mut self, second: &str, micros: u32) {
+        let mut frac = itoa::Buffer::new();
+        let digits = frac.format(micros);
+        let pad = &"000000"[..6 - digits.len().min(6)];
+        if self.json {
+            self.out.push_str("{\"timestamp\":\"");
+            self.out.push_str(second);
+            self.out.push('.');
+            self.out.push_str(pad);
+            self.out.push_str(digits);
+            self.out
+                .push_str("Z\",\"level\":\"INFO\",\"message\":\"request\"");
+        } else {
+            self.out.push_str(second);
+            self.out.push('.');
+            self.out.push_str(pad);
+            self.out.push_str(digits);
+            self.out.push_str("Z  INFO ");
+            self.out.push_str(TARGET);
+            self.out.push_str(": request");
+        }
+    }
+
+    fn name(&mut self, name: &str) {
+        if self.json {
+            self.out.push_str(",\"");
+            self.out.push_str(name);
+            self.out.push_str("\":");
+        } else {
+            self.out.push(' ');
+            self.out.push_str(name);
+            self.out.push('=');
+        }
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        self.name(name);
+        if self.json {
+            self.out.push('"');
+        }
+        escape_into(self.out, value);
+        if self.json {
+            self.out.push('"');
+        }
+    }
+
+    fn ip(&mut self, name: &str, ip: std::net::IpAddr) {
+        use std::fmt::Write as _;
+        self.name(name);
+        if self.json {
+            self.out.push('"');
+        }
+        let _ = write!(self.out, "{ip}");
+        if self.json {
+            self.out.push('"');
+        }
+    }
+
+    fn uint(&mut self, name: &str, n: u64) {
+        self.name(name);
+        self.out.push_str(itoa::Buffer::new().format(n));
+    }
+
+    /// Milliseconds with three decimals (microseconds), as a JSON number.
+    fn millis(&mut self, name: &str, d: Duration) {
+        self.name(name);
+        let micros = d.as_micros();
+        self.out.push_str(itoa::Buffer::new().format(micros / 1000));
+        self.out.push('.');
+        let frac = (micros % 1000) as u32;
+        let mut b = itoa::Buffer::new();
+        let digits = b.format(frac);
+        self.out.push_str(&"000"[..3 - digits.len()]);
+        self.out.push_str(digits);
+    }
+
+    fn end(&mut self) {
+        if self.json {
+            self.out.push_str(",\"target\":\"");
+            self.out.push_str(TARGET);
+            self.out.push_str("\"}");
+        }
+        self.out.push('\n');
+    }
+}
+
+/// Appends `s` with JSON string escaping (also used for the text form, so a
+/// value can never start a new line or forge a field).
+fn escape_into(out: &mut String, s: &str) {
+    let clean = s
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
+    if clean {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line() -> Line<'static> {
+        Line {
+            request_id: Some("r-1"),
+            client: "192.0.2.1".parse().unwrap(),
+            method: "GET",
+            path: "/a\"b\n?x=1",
+            route: Some("orders"),
+            status: 200,
+            code: UPSTREAM_CODE,
+            key_id: Some("key_1"),
+            owner: None,
+            upstream_status: Some(200),
+            duration: Duration::from_micros(1_234_567),
+            upstream: Some(Duration::from_micros(5)),
+            bytes_in: None,
+            bytes_out: Some(100),
+        }
+    }
+
+    fn render(json: bool) -> String {
+        let mut out = String::new();
+        let mut w = Writer {
+            out: &mut out,
+            json,
+        };
+        w.timestamp("2026-11-23T19:20:00", 42);
+        line().fields(&mut w);
+        w.end();
+        out
+    }
+
+    #[test]
+    fn json_lines_parse_with_every_field() {
+        let out = render(true);
+        assert!(out.ends_with('\n') && out.lines().count() == 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["timestamp"], "2026-11-23T19:20:00.000042Z");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["target"], TARGET);
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["request_id"], "r-1");
+        assert_eq!(v["client"], "192.0.2.1");
+        assert_eq!(v["path"], "/a\"b\n?x=1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["code"], "upstream");
+        assert_eq!(v["key_id"], "key_1");
+        assert!(v.get("owner").is_none());
+        assert_eq!(v["duration_ms"].as_f64(), Some(1234.567));
+        assert_eq!(v["upstream_ms"].as_f64(), Some(0.005));
+        assert_eq!(v["bytes_out"], 100);
+        assert!(v.get("bytes_in").is_none());
+    }
+
+    #[test]
+    fn text_lines_stay_on_one_line() {
+        let out = render(false);
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.starts_with("2026-11-23T19:20:00.000042Z  INFO keygate::access: request request_id=r-1 client=192.0.2.1 method=GET path=/a\\\"b\\n?x=1 route=orders status=200"), "{out}");
+        assert!(out.contains(" duration_ms=1234.567"), "{out}");
+    }
+
+    #[test]
+    fn escaping_covers_controls() {
+        let mut s = String::new();
+        escape_into(&mut s, "a\u{1}b\u{7f}é");
+        assert_eq!(s, "a\\u0001b\\u007fé");
+    }
+}
