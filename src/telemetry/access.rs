@@ -10,8 +10,11 @@
 //! not apply (no route, no key, no upstream call, no declared size) is left out.
 //!
 //! Cost: the line is written by hand into a reused per-thread buffer (no
-//! `tracing` field visitors, no `fmt` machinery) and handed to the log
-//! writer's thread ([`super::init`] installs the sink). It keeps the shape of
+//! `tracing` field visitors, no `fmt` machinery) and appended to a shared
+//! batch; a flusher thread hands the batch to the log writer every
+//! [`FLUSH_EVERY`], so a request never wakes another thread ([`super::init`]
+//! installs the sink). A batch past [`MAX_BATCH`] bytes drops further lines
+//! (counted) rather than grow without bound. It keeps the shape of
 //! the process's other log lines (`timestamp`, `level`, `target`, `message`).
 //! Without an installed sink (a library user with its own subscriber) the
 //! line goes through `tracing` as an ordinary event.
@@ -26,10 +29,73 @@ use super::request::{Done, Head, UPSTREAM_CODE};
 /// The `tracing` target of access lines.
 pub const TARGET: &str = "keygate::access";
 
-/// Where access lines go: the log writer's queue, and in which format.
+/// How often queued access lines are handed to the log writer.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Most bytes of access lines waiting for the next flush.
+pub const MAX_BATCH: usize = 4 << 20;
+
+/// Where access lines go: a batch for the log writer, and in which format.
 pub(super) struct Sink {
-    pub writer: tracing_appender::non_blocking::NonBlocking,
-    pub json: bool,
+    writer: tracing_appender::non_blocking::NonBlocking,
+    json: bool,
+    batch: std::sync::Mutex<Vec<u8>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Sink {
+    /// A sink writing through `writer`, flushed by a thread started here.
+    pub(super) fn start(
+        writer: tracing_appender::non_blocking::NonBlocking,
+        json: bool,
+    ) -> &'static Sink {
+        let sink: &'static Sink = Box::leak(Box::new(Sink {
+            writer,
+            json,
+            batch: std::sync::Mutex::new(Vec::with_capacity(64 * 1024)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        }));
+        let started = std::thread::Builder::new()
+            .name("keygate-access-log".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(FLUSH_EVERY);
+                    sink.flush();
+                }
+            });
+        if let Err(e) = started {
+            eprintln!(
+                "keygate: cannot start the access-log thread ({e}); access lines are written at shutdown only"
+            );
+        }
+        sink
+    }
+
+    fn append(&self, line: &[u8]) {
+        let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        if batch.len() + line.len() > MAX_BATCH {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        batch.extend_from_slice(line);
+    }
+
+    /// Hands the queued lines to the log writer (one message per batch).
+    pub(super) fn flush(&self) {
+        let full = {
+            let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if batch.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *batch, Vec::with_capacity(64 * 1024))
+        };
+        let _ = self.writer.clone().write_all(&full);
+    }
+
+    /// Access lines dropped because a batch was full.
+    pub(super) fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The fields of one line, borrowed from the request.
@@ -120,9 +186,7 @@ impl Line<'_> {
             w.timestamp(&b.second_text, now.subsec_micros());
             self.fields(&mut w);
             w.end();
-            // The writer's queue takes the bytes; when it is full the line is
-            // dropped and counted (keygate_log_lines_dropped_total).
-            let _ = sink.writer.clone().write_all(b.text.as_bytes());
+            sink.append(b.text.as_bytes());
         });
     }
 

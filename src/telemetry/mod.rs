@@ -38,10 +38,19 @@ pub struct LogGuard {
 
 /// Where access lines are written directly (see [`access`]), once a logger
 /// is installed.
-static ACCESS_SINK: OnceLock<access::Sink> = OnceLock::new();
+static ACCESS_SINK: OnceLock<&'static access::Sink> = OnceLock::new();
 
 fn access_sink() -> Option<&'static access::Sink> {
-    ACCESS_SINK.get()
+    ACCESS_SINK.get().copied()
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        // Queue the last access lines before the writer's guard flushes.
+        if let Some(sink) = access_sink() {
+            sink.flush();
+        }
+    }
 }
 
 /// Lines the non-blocking writer dropped because its queue was full.
@@ -107,10 +116,10 @@ pub fn init(cfg: &LoggingConfig) -> LogGuard {
     // Only the installed writer's counter means anything.
     let _first = DROPPED_LINES.set(dropped).is_ok();
     let _first = ACCESS_SINK
-        .set(access::Sink {
-            writer: access_writer,
-            json: format == LogFormat::Json,
-        })
+        .set(access::Sink::start(
+            access_writer,
+            format == LogFormat::Json,
+        ))
         .is_ok();
     LogGuard {
         _worker: Some(worker),
@@ -269,7 +278,8 @@ impl ScrapeSources {
         let open = self.max_connections.saturating_sub(free);
         metrics::gauge!(OPEN_CONNECTIONS).set(open as f64);
         if let Some(dropped) = DROPPED_LINES.get() {
-            metrics::counter!(LOG_LINES_DROPPED).absolute(dropped.dropped_lines() as u64);
+            let access = access_sink().map_or(0, |s| s.dropped());
+            metrics::counter!(LOG_LINES_DROPPED).absolute(dropped.dropped_lines() as u64 + access);
         }
     }
 }
