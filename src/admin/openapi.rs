@@ -204,11 +204,22 @@ impl Problem {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
-    /// 1 to 200 characters.
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1 to 200 characters, not blank, no control characters (the pattern:
+    /// one character that is not white space, none in Unicode category Cc,
+    /// which is what `char::is_control` finds).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$"
+    )]
     pub name: String,
     /// Defaults to the caller's token name; developers may only name themselves.
-    #[schema(nullable = false, min_length = 1)]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$"
+    )]
     pub owner: Option<String>,
     #[schema(max_length = 2000)]
     pub description: Option<String>,
@@ -234,7 +245,12 @@ pub struct CreateKeyRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKeyRequest {
-    #[schema(nullable = false, min_length = 1, max_length = 200)]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$"
+    )]
     pub name: Option<String>,
     /// `null` empties it.
     #[schema(max_length = 2000)]
@@ -444,9 +460,10 @@ pub enum KeyStatusDoc {
 #[serde(deny_unknown_fields)]
 #[schema(as = RateLimit)]
 pub struct RateLimitDoc {
-    #[schema(minimum = 1)]
+    // utoipa would say `format: int32` for a u32, and refuse half its range.
+    #[schema(value_type = i64, minimum = 1, maximum = 4_294_967_295_i64)]
     pub per_second: u32,
-    #[schema(minimum = 1)]
+    #[schema(value_type = i64, minimum = 1, maximum = 4_294_967_295_i64)]
     pub burst: u32,
 }
 
