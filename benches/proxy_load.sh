@@ -10,12 +10,22 @@
 # and prints medians and ratios to the nginx proxy. With --write the table is
 # appended to BENCHMARKS.md. Everything listens on 127.0.0.1 only.
 #
+# Besides the 100-byte answer: 1 KiB and 64 KiB answers (nginx proxy and keygate
+# with a key), HTTP/2 with prior knowledge (`h2load -t1 -c16 -m10`; nginx and
+# keygate accept h2c and speak HTTP/1.1 to the upstream), and an open-loop run
+# (`oha -q R --latency-correction`, R = half the nginx proxy's median closed-loop
+# rate of this run) that reports p99 and p99.9 and what each adds to direct's.
+# h2 needs h2load (nghttp2-client), the open loop oha (`cargo install oha`);
+# scenarios whose tool is missing are skipped with a message.
+#
 # Environment: KEYGATE_WORKERS (proxy worker threads, each a single-threaded
 # runtime on SO_REUSEPORT; default: one per CPU), KEYGATE_BIN (use this binary
 # instead of building), SCENARIO_FILTER (space-separated scenario names).
 # Scenarios: direct, nginx, keygate_open, keygate_key (defaults: access log
 # and metrics on), quiet_open, quiet_key (both off), redis_key (Redis store and
-# Redis rate limit; needs redis-server).
+# Redis rate limit; needs redis-server), nginx_1k, keygate_1k, nginx_64k,
+# keygate_64k, h2_nginx, h2_keygate, ol_direct, ol_nginx, ol_keygate_open,
+# ol_keygate_key.
 set -euo pipefail
 
 ROUNDS=5
@@ -36,10 +46,12 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx; then
-  echo "installing wrk and nginx with apt-get..." >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+if ! need wrk || ! need nginx || ! need h2load; then
+  echo "installing wrk, nginx and h2load with apt-get..." >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light nghttp2-client >/dev/null
 fi
+OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+[ -x "$OHA" ] || { echo "oha not found (cargo install oha): open-loop scenarios skipped" >&2; OHA=""; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [ -n "${KEYGATE_BIN:-}" ]; then
@@ -62,12 +74,16 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-UP_PORT=$(free_port); NGX_PORT=$(free_port); KG_PORT=$(free_port); KG_ADMIN=$(free_port)
+UP_PORT=$(free_port); NGX_PORT=$(free_port); NGX_H2_PORT=$(free_port)
 
 BODY='{"status":"ok","service":"upstream","items":[1,2,3,4,5],"message":"hello from the upstream!!"}'
 BODY=${BODY:0:100}
 
-mkdir -p "$WORK/up" "$WORK/px"
+mkdir -p "$WORK/up" "$WORK/px" "$WORK/files"
+# Bigger answers: 1 KiB and 64 KiB of JSON-ish bytes, served from files.
+# (readable by nginx's worker user: mktemp makes the dir private)
+chmod 755 "$WORK" "$WORK/files"
+python3 -c 'import sys; [open(f"{sys.argv[1]}/{n}", "w").write("[" + "1," * ((size - 3) // 2) + "1]" + " " * ((size - 3) % 2)) for n, size in (("b1k.json", 1024), ("b64k.json", 65536))]' "$WORK/files"
 cat > "$WORK/up.conf" <<NGX
 worker_processes 1;
 pid $WORK/up.pid;
@@ -80,6 +96,7 @@ http {
   server {
     listen 127.0.0.1:$UP_PORT;
     location / { default_type application/json; return 200 '$BODY'; }
+    location ~ /(b1k|b64k)\$ { default_type application/json; root $WORK/files; try_files /\$1.json =404; }
   }
 }
 NGX
@@ -92,9 +109,10 @@ http {
   access_log off;
   client_body_temp_path $WORK/px; proxy_temp_path $WORK/px; fastcgi_temp_path $WORK/px; uwsgi_temp_path $WORK/px; scgi_temp_path $WORK/px;
   keepalive_requests 1000000;
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive $((CONNS > 64 ? CONNS : 64)); keepalive_requests 1000000; }
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive $((CONNS > 256 ? CONNS : 256)); keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGX_PORT;
+    listen 127.0.0.1:$NGX_H2_PORT http2;
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -109,7 +127,7 @@ NGX
 
 ADMIN_TOKEN="bench-admin-token-$(date +%s%N)"
 ADMIN_SHA=$(printf %s "$ADMIN_TOKEN" | "$KEYGATE" hash-token)
-POOL=$((CONNS > 64 ? CONNS : 64))
+POOL=$((CONNS > 256 ? CONNS : 256))
 
 # A redis-server of our own (free port, temp dir) for the Redis scenario.
 REDIS_PORT=""
@@ -181,23 +199,42 @@ if [ -n "$REDIS_PORT" ]; then
   backend: redis"
 fi
 
-declare -A URL HDR
-URL[direct]="http://127.0.0.1:$UP_PORT/open/x"; HDR[direct]=""
-URL[nginx]="http://127.0.0.1:$NGX_PORT/open/x"; HDR[nginx]=""
-URL[keygate_open]="$KG_URL_kg/open/x"; HDR[keygate_open]=""
-URL[keygate_key]="$KG_URL_kg/keyed/x"; HDR[keygate_key]="Authorization: Bearer $KEY_kg"
-URL[quiet_open]="$KG_URL_quiet/open/x"; HDR[quiet_open]=""
-URL[quiet_key]="$KG_URL_quiet/keyed/x"; HDR[quiet_key]="Authorization: Bearer $KEY_quiet"
-SCENARIOS=(direct nginx keygate_open keygate_key quiet_open quiet_key)
-if [ -n "$REDIS_PORT" ]; then
-  URL[redis_key]="$KG_URL_redis/keyed/x"; HDR[redis_key]="Authorization: Bearer $KEY_redis"
-  SCENARIOS+=(redis_key)
+declare -A URL HDR TOOL
+# add NAME URL HEADER TOOL
+add() { URL[$1]=$2; HDR[$1]=$3; TOOL[$1]=$4; }
+KEYHDR="Authorization: Bearer $KEY_kg"
+add direct "http://127.0.0.1:$UP_PORT/open/x" "" wrk
+add nginx "http://127.0.0.1:$NGX_PORT/open/x" "" wrk
+add keygate_open "$KG_URL_kg/open/x" "" wrk
+add keygate_key "$KG_URL_kg/keyed/x" "$KEYHDR" wrk
+add quiet_open "$KG_URL_quiet/open/x" "" wrk
+add quiet_key "$KG_URL_quiet/keyed/x" "Authorization: Bearer $KEY_quiet" wrk
+[ -n "$REDIS_PORT" ] && add redis_key "$KG_URL_redis/keyed/x" "Authorization: Bearer $KEY_redis" wrk
+add nginx_1k "http://127.0.0.1:$NGX_PORT/open/b1k" "" wrk
+add keygate_1k "$KG_URL_kg/keyed/b1k" "$KEYHDR" wrk
+add nginx_64k "http://127.0.0.1:$NGX_PORT/open/b64k" "" wrk
+add keygate_64k "$KG_URL_kg/keyed/b64k" "$KEYHDR" wrk
+add h2_nginx "http://127.0.0.1:$NGX_H2_PORT/open/x" "" h2load
+add h2_keygate "$KG_URL_kg/keyed/x" "$KEYHDR" h2load
+if [ -n "$OHA" ]; then
+  add ol_direct "${URL[direct]}" "" oha
+  add ol_nginx "${URL[nginx]}" "" oha
+  add ol_keygate_open "${URL[keygate_open]}" "" oha
+  add ol_keygate_key "${URL[keygate_key]}" "$KEYHDR" oha
 fi
+ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key redis_key nginx_1k keygate_1k
+  nginx_64k keygate_64k h2_nginx h2_keygate ol_direct ol_nginx ol_keygate_open ol_keygate_key)
+SCENARIOS=()
+for s in "${ALL[@]}"; do [ -n "${TOOL[$s]:-}" ] && SCENARIOS+=("$s"); done
 if [ -n "${SCENARIO_FILTER:-}" ]; then
   read -r -a SCENARIOS <<< "$SCENARIO_FILTER"
 fi
+CLOSED=(); OPEN=()
 for s in "${SCENARIOS[@]}"; do
-  code=$(curl -s -o /dev/null -w '%{http_code}' ${HDR[$s]:+-H "${HDR[$s]}"} "${URL[$s]}")
+  [ -n "${TOOL[$s]:-}" ] || { echo "unknown or unavailable scenario: $s" >&2; exit 2; }
+  if [ "${TOOL[$s]}" = oha ]; then OPEN+=("$s"); else CLOSED+=("$s"); fi
+  proto=(); [ "${TOOL[$s]}" = h2load ] && proto=(--http2-prior-knowledge)
+  code=$(curl -s "${proto[@]}" -o /dev/null -w '%{http_code}' ${HDR[$s]:+-H "${HDR[$s]}"} "${URL[$s]}")
   [ "$code" = 200 ] || { echo "$s sanity request got $code" >&2; exit 1; }
 done
 
@@ -205,32 +242,88 @@ done
 PAD="X-Api-Pad: kg_0123456789abcdefghijklmnopqrstuvw"
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
-echo "warm-up..." >&2
-for s in "${SCENARIOS[@]}"; do wrk -t1 -c"$CONNS" -d2s -H "${HDR[$s]:-$PAD}" "${URL[$s]}" >/dev/null; done
-for r in $(seq "$ROUNDS"); do
-  for s in "${SCENARIOS[@]}"; do
-    out=$(wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "${HDR[$s]:-$PAD}" "${URL[$s]}")
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$rps" "$p50" "$p99" "${non2xx:-0}" >> "$RESULTS"
-    echo "round $r $s: $rps req/s p99 $p99 non2xx ${non2xx:-0}" >&2
-  done
-done
+SECS=${DURATION%s}
+RATE=0
 
-TABLE=$(python3 - "$RESULTS" "$ROUNDS" "$DURATION" "$CONNS" "${KEYGATE_WORKERS:-one per CPU}" <<'PY'
+# run_one ROUND SCENARIO: one measurement, appended to $RESULTS as
+# round, scenario, req/s, p50 ms, p99 ms, p99.9 ms, non-2xx ("-" where the
+# tool does not report it).
+run_one() {
+  local r=$1 s=$2 out rps p50 p99 p999 bad
+  local hdr=${HDR[$s]:-$PAD}
+  case "${TOOL[$s]}" in
+    wrk)
+      out=$(wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "$hdr" "${URL[$s]}")
+      rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+      p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+      p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+      p999=-
+      bad=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+      ;;
+    h2load)
+      out=$(h2load -t1 -c16 -m10 -D "$SECS" --warm-up-time=1 -H "$hdr" "${URL[$s]}")
+      rps=$(echo "$out" | awk '/^finished in/ {gsub(",", "", $4); print $4}')
+      p50=-; p99=-; p999=-
+      # non-2xx answers plus failed and errored requests
+      bad=$(echo "$out" | awk '/^status codes:/ {n += $5 + $7 + $9} /^requests:/ {n += $10 + $12} END {print n + 0}')
+      ;;
+    oha)
+      out=$("$OHA" -z "$DURATION" -q "$RATE" -c "$CONNS" --latency-correction --no-tui \
+        --output-format json -H "$hdr" "${URL[$s]}")
+      read -r rps p50 p99 p999 bad < <(echo "$out" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+p = d["latencyPercentiles"]
+codes = d.get("statusCodeDistribution", {})
+bad = sum(n for c, n in codes.items() if not c.startswith("2")) + sum(d.get("errorDistribution", {}).values())
+print(d["summary"]["requestsPerSec"], *(f"{p[k] * 1000:.3f}ms" for k in ("p50", "p99", "p99.9")), bad)')
+      ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$rps" "$p50" "$p99" "$p999" "${bad:-0}" >> "$RESULTS"
+  echo "round $r $s: $rps req/s p99 $p99 p99.9 $p999 non2xx ${bad:-0}" >&2
+}
+
+echo "warm-up..." >&2
+for s in "${CLOSED[@]}"; do
+  case "${TOOL[$s]}" in
+    wrk) wrk -t1 -c"$CONNS" -d2s -H "${HDR[$s]:-$PAD}" "${URL[$s]}" >/dev/null ;;
+    h2load) h2load -t1 -c16 -m10 -D 2 -H "${HDR[$s]:-$PAD}" "${URL[$s]}" >/dev/null ;;
+  esac
+done
+for r in $(seq "$ROUNDS"); do
+  for s in "${CLOSED[@]}"; do run_one "$r" "$s"; done
+done
+if [ "${#OPEN[@]}" -gt 0 ]; then
+  # Half the nginx proxy's closed-loop median of this run (or RATE from the
+  # environment when nginx was filtered out).
+  RATE=$(awk -F'\t' '$2=="nginx" {print $3}' "$RESULTS" | sort -n | awk '{a[NR]=$1} END {if (NR) printf "%d", a[int((NR+1)/2)] / 2}')
+  RATE=${RATE:-${OPEN_LOOP_RATE:-10000}}
+  [ "$RATE" -gt 0 ] 2>/dev/null || RATE=${OPEN_LOOP_RATE:-10000}
+  echo "open loop at $RATE req/s..." >&2
+  for s in "${OPEN[@]}"; do "$OHA" -z 2s -q "$RATE" -c "$CONNS" --no-tui -H "${HDR[$s]:-$PAD}" "${URL[$s]}" >/dev/null; done
+  for r in $(seq "$ROUNDS"); do
+    for s in "${OPEN[@]}"; do run_one "$r" "$s"; done
+  done
+fi
+
+TABLE=$(python3 - "$RESULTS" "$ROUNDS" "$DURATION" "$CONNS" "${KEYGATE_WORKERS:-one per CPU}" "$RATE" <<'PY'
 import sys, statistics
-path, rounds, dur, conns, workers = sys.argv[1:]
+path, rounds, dur, conns, workers, rate = sys.argv[1:]
 def ms(v):
+    if v == '-': return None
     if v.endswith('us'): return float(v[:-2]) / 1000
     if v.endswith('ms'): return float(v[:-2])
     if v.endswith('s'): return float(v[:-1]) * 1000
     return float(v)
 rows = {}
 for line in open(path):
-    r, s, rps, p50, p99, bad = line.rstrip('\n').split('\t')
-    rows.setdefault(s, []).append((float(rps), ms(p50), ms(p99), int(bad or 0)))
+    r, s, rps, p50, p99, p999, bad = line.rstrip('\n').split('\t')
+    rows.setdefault(s, []).append((float(rps), ms(p50), ms(p99), ms(p999), int(float(bad or 0))))
+def med(v, i):
+    xs = [x[i] for x in v if x[i] is not None]
+    return statistics.median(xs) if xs else None
+def f(x):
+    return '-' if x is None else f"{x:.2f}"
 names = {
     'direct': 'upstream direct (nginx return 200)',
     'nginx': 'nginx reverse proxy (1 worker, keepalive pool)',
@@ -239,18 +332,49 @@ names = {
     'quiet_open': 'keygate, auth: none, access log and metrics off',
     'quiet_key': 'keygate, key check + local rate limit, access log and metrics off',
     'redis_key': 'keygate, key check + rate limit, Redis store and Redis rate limit',
+    'nginx_1k': 'nginx reverse proxy, 1 KiB answer',
+    'keygate_1k': 'keygate, key check + local rate limit, 1 KiB answer',
+    'nginx_64k': 'nginx reverse proxy, 64 KiB answer',
+    'keygate_64k': 'keygate, key check + local rate limit, 64 KiB answer',
+    'h2_nginx': 'HTTP/2 h2c: nginx reverse proxy',
+    'h2_keygate': 'HTTP/2 h2c: keygate, key check + local rate limit',
 }
-base = statistics.median(x[0] for x in rows['nginx']) if 'nginx' in rows else None
-print(f"wrk -t1 -c{conns} -d{dur} --latency, {rounds} interleaved rounds, medians; keygate proxy workers: {workers}")
+# Each row's ratio is to its nginx counterpart in this run.
+base_of = {'nginx_1k': 'nginx_1k', 'keygate_1k': 'nginx_1k', 'nginx_64k': 'nginx_64k',
+           'keygate_64k': 'nginx_64k', 'h2_nginx': 'h2_nginx', 'h2_keygate': 'h2_nginx'}
+print(f"wrk -t1 -c{conns} -d{dur} --latency (HTTP/2: h2load -t1 -c16 -m10 -D {dur}), {rounds} interleaved rounds, medians; keygate proxy workers: {workers}")
 print()
 print("| scenario | req/s | ratio to nginx proxy | p50 ms | p99 ms | non-2xx |")
 print("|---|---|---|---|---|---|")
 for s in names:
     if s not in rows: continue
     v = rows[s]
-    rps = statistics.median(x[0] for x in v)
+    rps = med(v, 0)
+    b = base_of.get(s, 'nginx')
+    base = med(rows[b], 0) if b in rows else None
     ratio = f"{rps/base:.2f}" if base else "-"
-    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {statistics.median(x[1] for x in v):.2f} | {statistics.median(x[2] for x in v):.2f} | {sum(x[3] for x in v)} |")
+    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} |")
+open_names = {
+    'ol_direct': 'upstream direct',
+    'ol_nginx': 'nginx reverse proxy',
+    'ol_keygate_open': 'keygate, auth: none',
+    'ol_keygate_key': 'keygate, key check + local rate limit, cache hit',
+}
+if any(s in rows for s in open_names):
+    d = rows.get('ol_direct')
+    d99, d999 = (med(d, 2), med(d, 3)) if d else (None, None)
+    print()
+    print(f"Open loop: oha -q {rate} (half the nginx proxy's closed-loop median) -c{conns} -z {dur} --latency-correction, {rounds} interleaved rounds, medians")
+    print()
+    print("| scenario | req/s | p50 ms | p99 ms | p99.9 ms | p99 added to direct ms | p99.9 added to direct ms | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s, name in open_names.items():
+        if s not in rows: continue
+        v = rows[s]
+        p99, p999 = med(v, 2), med(v, 3)
+        a99 = f(p99 - d99) if d99 is not None and s != 'ol_direct' else '-'
+        a999 = f(p999 - d999) if d999 is not None and s != 'ol_direct' else '-'
+        print(f"| {name} | {med(v, 0):,.0f} | {f(med(v, 1))} | {f(p99)} | {f(p999)} | {a99} | {a999} | {sum(x[4] for x in v)} |")
 PY
 )
 echo

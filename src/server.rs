@@ -302,6 +302,7 @@ fn spawn_workers(
             .name(format!("keygate-proxy-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    let _batching = crate::telemetry::access::LocalBatching::start();
                     match TcpListener::from_std(std_listener) {
                         Ok(l) => listener::serve(l, gateway, tls, limits, slots, shutdown).await,
                         Err(e) => {

@@ -242,6 +242,7 @@ impl Gateway {
             return Ok(None);
         }
         let auth = &self.shared.auth;
+        auth.cache.sync().await;
         if !auth.cache.api_keys_enabled() {
             return Err(GatewayError::ApiKeysDisabled);
         }

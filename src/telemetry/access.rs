@@ -10,14 +10,23 @@
 //! not apply (no route, no key, no upstream call, no declared size) is left out.
 //!
 //! Cost: the line is written by hand into a reused per-thread buffer (no
-//! `tracing` field visitors, no `fmt` machinery) and appended to a shared
-//! batch; a flusher thread hands the batch to the log writer every
-//! [`FLUSH_EVERY`], so a request never wakes another thread ([`super::init`]
-//! installs the sink). A batch past [`MAX_BATCH`] bytes drops further lines
-//! (counted) rather than grow without bound. It keeps the shape of
-//! the process's other log lines (`timestamp`, `level`, `target`, `message`).
-//! Without an installed sink (a library user with its own subscriber) the
-//! line goes through `tracing` as an ordinary event.
+//! `tracing` field visitors, no `fmt` machinery). On a proxy worker thread
+//! (which runs [`LocalBatching`]) it is appended to that thread's own chunk,
+//! handed to the log writer when it reaches [`LOCAL_CHUNK`] bytes and by a
+//! task on the worker every [`FLUSH_EVERY`]: no lock is shared between
+//! threads, so a request never waits for another thread (a shared batch
+//! behind a mutex did: when the thread holding it was preempted, every worker
+//! stalled for a scheduler slice, which showed as p99 of 20-30 ms under load).
+//! Lines of one worker stay in order; lines of different workers interleave
+//! by chunk (each carries its timestamp). Other threads append to a shared
+//! batch that a flusher thread hands over every [`FLUSH_EVERY`]; past
+//! [`MAX_BATCH`] bytes it drops further lines (counted). The log writer's
+//! queue holds at most [`super::QUEUED_MESSAGES`] chunks, and drops (and
+//! counts) what does not fit, so a stalled stderr cannot grow memory without
+//! bound. It keeps the shape of the process's other log lines (`timestamp`,
+//! `level`, `target`, `message`). Without an installed sink (a library user
+//! with its own subscriber) the line goes through `tracing` as an ordinary
+//! event.
 
 use std::cell::RefCell;
 use std::io::Write as _;
@@ -32,7 +41,9 @@ pub const TARGET: &str = "keygate::access";
 /// How often queued access lines are handed to the log writer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Most bytes of access lines waiting for the next flush.
-pub const MAX_BATCH: usize = 4 << 20;
+pub const MAX_BATCH: usize = 1 << 20;
+/// A worker hands its chunk of lines to the log writer at this size.
+pub const LOCAL_CHUNK: usize = 16 << 10;
 
 /// Where access lines go: a batch for the log writer, and in which format.
 pub(super) struct Sink {
@@ -95,6 +106,97 @@ impl Sink {
     /// Access lines dropped because a batch was full.
     pub(super) fn dropped(&self) -> u64 {
         self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hands a worker's chunk to the log writer and empties it.
+    fn hand_off(&self, chunk: &mut Vec<u8>) {
+        if !chunk.is_empty() {
+            let _ = self.writer.clone().write_all(chunk);
+            chunk.clear();
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's chunk of access lines, when it runs [`LocalBatching`].
+    static LOCAL: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Appends `line` to this thread's chunk; false when the thread has none.
+fn append_local(sink: &Sink, line: &[u8]) -> bool {
+    LOCAL.with(|local| {
+        let Ok(mut local) = local.try_borrow_mut() else {
+            return false;
+        };
+        let Some(chunk) = local.as_mut() else {
+            return false;
+        };
+        chunk.extend_from_slice(line);
+        if chunk.len() >= LOCAL_CHUNK {
+            sink.hand_off(chunk);
+        }
+        true
+    })
+}
+
+/// Hands this thread's chunk to the log writer.
+fn flush_local() {
+    let Some(sink) = super::access_sink() else {
+        return;
+    };
+    LOCAL.with(|local| {
+        if let Ok(mut local) = local.try_borrow_mut()
+            && let Some(chunk) = local.as_mut()
+        {
+            sink.hand_off(chunk);
+        }
+    });
+}
+
+/// Gives the current thread its own chunk of access lines while it lives,
+/// flushed every [`FLUSH_EVERY`] by a task on the current (single-threaded)
+/// runtime and once more when dropped. Made by each proxy worker at start;
+/// inert when no access sink is installed.
+#[must_use = "dropping it ends the thread's batching"]
+pub struct LocalBatching {
+    flusher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalBatching {
+    /// Starts batching on this thread. Call inside a `current_thread`
+    /// runtime: the flush task must run on this very thread.
+    pub fn start() -> LocalBatching {
+        let single_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if super::access_sink().is_none() || !single_threaded {
+            return LocalBatching { flusher: None };
+        }
+        LOCAL.with(|local| *local.borrow_mut() = Some(Vec::with_capacity(LOCAL_CHUNK * 2)));
+        let flusher = tokio::spawn(async {
+            let mut tick = tokio::time::interval(FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                flush_local();
+            }
+        });
+        LocalBatching {
+            flusher: Some(flusher),
+        }
+    }
+}
+
+impl Drop for LocalBatching {
+    fn drop(&mut self) {
+        if let Some(flusher) = self.flusher.take() {
+            flusher.abort();
+            flush_local();
+            LOCAL.with(|local| {
+                if let Ok(mut local) = local.try_borrow_mut() {
+                    *local = None;
+                }
+            });
+        }
     }
 }
 
@@ -186,7 +288,9 @@ impl Line<'_> {
             w.timestamp(&b.second_text, now.subsec_micros());
             self.fields(&mut w);
             w.end();
-            sink.append(b.text.as_bytes());
+            if !append_local(sink, b.text.as_bytes()) {
+                sink.append(b.text.as_bytes());
+            }
         });
     }
 

@@ -56,6 +56,11 @@ impl Drop for LogGuard {
 /// Lines the non-blocking writer dropped because its queue was full.
 static DROPPED_LINES: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
 
+/// Most messages (log lines, or chunks of up to [`access::LOCAL_CHUNK`] or
+/// [`access::MAX_BATCH`] bytes of access lines) queued for the log writer;
+/// more are dropped and counted, so a stalled stderr holds memory in bounds.
+pub const QUEUED_MESSAGES: usize = 1024;
+
 /// Installs the global tracing subscriber from `logging:`: `KEYGATE_LOG` (or
 /// `RUST_LOG`) overrides `logging.level`, `KEYGATE_LOG_FORMAT` (`json` or
 /// `pretty`) overrides `logging.format`. Logs go to stderr so stdout stays for
@@ -89,6 +94,7 @@ pub fn init(cfg: &LoggingConfig) -> LogGuard {
     };
     let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .thread_name("keygate-log")
+        .buffered_lines_limit(QUEUED_MESSAGES)
         // Buffered: the writer thread flushes once per batch of queued lines,
         // so a busy proxy costs one write(2) per batch, not one per request.
         .finish(std::io::BufWriter::with_capacity(

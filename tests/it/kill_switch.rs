@@ -131,6 +131,11 @@ async fn kill_switch_flipped_on_one_instance_reaches_the_other_within_a_second()
         set_enabled(&a, false).await;
         let acked = Instant::now();
         let (on_a, polls_a) = until(&a, &secret, 403, acked, "switched off on A, A").await;
+        // The instance that answered the PATCH applies it before its next request.
+        assert_eq!(
+            polls_a, 1,
+            "A let a keyed request through after acknowledging the switch"
+        );
         let (took, polls) = until(&b, &secret, 403, acked, "switched off on A, B").await;
         println!(
             "kill switch: round {round}: off on A -> A refuses after {:.2} ms (poll {polls_a}), \
@@ -153,6 +158,10 @@ async fn kill_switch_flipped_on_one_instance_reaches_the_other_within_a_second()
         set_enabled(&a, true).await;
         let acked = Instant::now();
         let (on_a, polls_a) = until(&a, &secret, 200, acked, "switched on on A, A").await;
+        assert_eq!(
+            polls_a, 1,
+            "A refused a key after acknowledging the switch back on"
+        );
         let (took, polls) = until(&b, &secret, 200, acked, "switched on on A, B").await;
         println!(
             "kill switch: round {round}: on on A -> A accepts after {:.2} ms (poll {polls_a}), \
