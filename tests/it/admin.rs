@@ -1086,6 +1086,9 @@ async fn list_pages_with_opaque_cursors(backend: Backend) {
     let mut created = Vec::new();
     for i in 0..5 {
         created.push(a.create_named(ADMIN, &format!("k{i}")).await);
+        // Key ids order by their creation millisecond; two keys made in the
+        // same millisecond order by the random part of their ULID.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
