@@ -55,6 +55,10 @@ pub fn extract<'a>(
         let token = match source {
             CredentialHeader::Authorization => match bearer(text) {
                 Some(t) => t,
+                // Another scheme first and a Bearer value after it is the
+                // header repeated, too (the Bearer value must not be left
+                // unread, nor forwarded).
+                None if values.any(is_bearer) => return Err(GatewayError::InvalidKey),
                 None => continue,
             },
             CredentialHeader::Raw(_) => text.trim(),
@@ -85,11 +89,9 @@ pub fn strip_credentials(headers: &mut HeaderMap, sources: &[CredentialHeader]) 
     for source in sources {
         match source {
             CredentialHeader::Authorization => {
-                let is_bearer = headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| bearer(v).is_some());
-                if is_bearer {
+                // Any value, not only the first: a Bearer value anywhere is
+                // a credential.
+                if headers.get_all(header::AUTHORIZATION).iter().any(is_bearer) {
                     headers.remove(header::AUTHORIZATION);
                 }
             }
@@ -103,6 +105,16 @@ pub fn strip_credentials(headers: &mut HeaderMap, sources: &[CredentialHeader]) 
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, rest) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Whether an `Authorization` value uses the Bearer scheme, as [`bearer`]
+/// reads it but on the bytes: obs-text (bytes >= 0x80, which hyper accepts)
+/// after the scheme must not turn a Bearer value into a forwardable one.
+fn is_bearer(value: &http::HeaderValue) -> bool {
+    let v = value.as_bytes().trim_ascii();
+    v.iter()
+        .position(|&b| b == b' ')
+        .is_some_and(|i| v[..i].eq_ignore_ascii_case(b"bearer"))
 }
 
 /// Verifies credentials against the cache and store.
@@ -126,14 +138,12 @@ impl Authenticator {
                 return Err(GatewayError::StoreUnavailable);
             }
         };
-        key.record
-            .check(&hash, self.clock.now())
-            .map_err(|r| match r {
-                Refusal::Revoked => GatewayError::KeyRevoked,
-                Refusal::Rotated => GatewayError::KeyRotated,
-                Refusal::Suspended => GatewayError::KeySuspended,
-                Refusal::Expired => GatewayError::KeyExpired,
-            })?;
+        key.check(self.clock.now()).map_err(|r| match r {
+            Refusal::Revoked => GatewayError::KeyRevoked,
+            Refusal::Rotated => GatewayError::KeyRotated,
+            Refusal::Suspended => GatewayError::KeySuspended,
+            Refusal::Expired => GatewayError::KeyExpired,
+        })?;
         Ok(key)
     }
 }
@@ -144,12 +154,12 @@ pub fn authorize(
     route: &RouteConfig,
     method: &Method,
 ) -> Result<(), GatewayError> {
-    if let Some(missing) = route.scopes.iter().find(|s| !key.record.has_scope(s)) {
+    if let Some(missing) = route.scopes.iter().find(|s| !key.has_scope(s)) {
         return Err(GatewayError::InsufficientScope {
             missing: missing.as_str().to_owned(),
         });
     }
-    if !key.record.access.allows(method) {
+    if !key.access().allows(method) {
         return Err(GatewayError::ReadOnlyKey);
     }
     Ok(())
@@ -250,6 +260,38 @@ mod tests {
         strip_credentials(&mut h, &sources());
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["authorization"], "Basic abc");
+    }
+
+    /// Found by `cargo fuzz run headers`: only the first `Authorization`
+    /// value was looked at, so `Basic ...` followed by `Bearer <key>` (and
+    /// the key in `x-api-key`) was accepted, and the Bearer value, the key
+    /// itself, was forwarded to the upstream.
+    #[test]
+    fn a_bearer_value_after_another_scheme_is_never_forwarded() {
+        let h = headers(&[
+            ("authorization", "Basic abc"),
+            ("authorization", "Bearer kg_a"),
+            ("x-api-key", "kg_a"),
+        ]);
+        assert_eq!(token(&h), Err(GatewayError::InvalidKey));
+        let only_auth = [CredentialHeader::Authorization];
+        assert_eq!(
+            extract(&h, &only_auth).map(|c| c.token),
+            Err(GatewayError::InvalidKey)
+        );
+        // Two values of another scheme are still no credential.
+        let basic = headers(&[("authorization", "Basic a"), ("authorization", "Basic b")]);
+        assert_eq!(token(&basic), Err(GatewayError::MissingKey));
+        let mut h = h;
+        strip_credentials(&mut h, &sources());
+        assert!(h.is_empty(), "{h:?}");
+        // The same with obs-text after the key, which `to_str` refuses.
+        let mut h = headers(&[("authorization", "Basic abc"), ("x-api-key", "kg_a")]);
+        let obs = http::HeaderValue::from_bytes(b"Bearer kg_a \xff").unwrap();
+        h.append(header::AUTHORIZATION, obs);
+        assert_eq!(token(&h), Err(GatewayError::InvalidKey));
+        strip_credentials(&mut h, &sources());
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

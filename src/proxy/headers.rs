@@ -11,6 +11,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::auth;
+use crate::config::CredentialHeader;
+
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies
 /// also strip.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -34,6 +37,27 @@ pub static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owne
 pub static X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
 pub static X_KEYGATE_ACCESS: HeaderName = HeaderName::from_static("x-keygate-access");
 
+/// The client-supplied part of the upstream request's headers, in the order
+/// this module's doc fixes: hop-by-hop and `Connection`-listed headers,
+/// forged `X-Keygate-*` headers and (once a key was verified, `credentials`
+/// set) every credential header go; then `X-Forwarded-*` are built for
+/// `client` (see [`add_forwarded`]). The caller adds `X-Request-Id`, the
+/// identity headers and `Host` afterwards.
+pub fn rewrite_for_upstream(
+    headers: &mut HeaderMap,
+    credentials: Option<&[CredentialHeader]>,
+    client: &HeaderValue,
+    https: bool,
+    host: Option<&HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    strip_keygate_headers(headers);
+    if let Some(sources) = credentials {
+        auth::strip_credentials(headers, sources);
+    }
+    add_forwarded(headers, client, https, host);
+}
+
 /// Removes hop-by-hop headers, and every header named in `Connection`.
 /// `Transfer-Encoding` is framing: hyper owns it on both sides.
 ///
@@ -55,13 +79,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        // HOP_BY_HOP[0] is Connection: drop every header it lists.
+        // HOP_BY_HOP[0] is Connection: drop every header it lists. Split
+        // the bytes, not a `to_str()`: hyper accepts obs-text (bytes >= 0x80)
+        // in a value, and one such byte must not hide the names beside it.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
             .filter(|name| !is_hop_by_hop(name))
             .collect();
         for name in listed {
@@ -175,6 +200,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "3");
+    }
+
+    /// Found by `cargo fuzz run headers`: a `Connection` value holding
+    /// obs-text failed `to_str()` and was skipped whole, so the headers it
+    /// named were forwarded.
+    #[test]
+    fn connection_values_with_obs_text_still_name_their_headers() {
+        let mut h = map(&[("x-trace", "1"), ("x-kept", "2")]);
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xff\xfe, x-trace").unwrap(),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "2");
     }
 
     #[test]

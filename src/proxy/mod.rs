@@ -194,14 +194,10 @@ impl Gateway {
         let principal = &exchange.key;
         if let Some(key) = principal {
             auth::authorize(key, &route.config, req.method())
-                .inspect_err(|_| self.shared.usage.record(&key.record.id, Outcome::Denied))?;
+                .inspect_err(|_| self.shared.usage.record(key.id(), Outcome::Denied))?;
             self.rate_limit(config, route, key, rate)
                 .await
-                .inspect_err(|_| {
-                    self.shared
-                        .usage
-                        .record(&key.record.id, Outcome::RateLimited)
-                })?;
+                .inspect_err(|_| self.shared.usage.record(key.id(), Outcome::RateLimited))?;
         }
         let (upstream_req, body_fault) = rewrite_request(
             req,
@@ -217,7 +213,7 @@ impl Gateway {
             },
         )?;
         if let Some(key) = principal {
-            self.shared.usage.record(&key.record.id, Outcome::Allowed);
+            self.shared.usage.record(key.id(), Outcome::Allowed);
         }
         let sent = exchange.timed.then(std::time::Instant::now);
         let resp = self
@@ -242,6 +238,8 @@ impl Gateway {
             return Ok(None);
         }
         let auth = &self.shared.auth;
+        // Apply pending invalidations first: a kill switch flipped through this
+        // instance's admin API is final as soon as the PATCH is answered.
         auth.cache.sync().await;
         if !auth.cache.api_keys_enabled() {
             return Err(GatewayError::ApiKeysDisabled);
@@ -269,9 +267,9 @@ impl Gateway {
         key: &Principal,
         headers: &mut Option<RateHeaders>,
     ) -> Result<(), GatewayError> {
-        let spec = key.record.rate_limit.unwrap_or(config.rate_limit.default);
+        let spec = key.rate_limit().unwrap_or(config.rate_limit.default);
         let route_limit = route.config.rate_limit.map(|s| (&route.name, s));
-        let decision = self.shared.limits.check(&key.record.id, spec, route_limit);
+        let decision = self.shared.limits.check(key.id(), spec, route_limit);
         decision.await.finish(headers)
     }
 }
@@ -376,19 +374,20 @@ fn rewrite_request(
     let h = &mut parts.headers;
     // Room for what is added below, so the map grows at most once.
     h.reserve(12);
-    headers::strip_hop_by_hop(h);
-    headers::strip_keygate_headers(h);
-    if let Some(sources) = ctx.credentials {
-        auth::strip_credentials(h, sources);
-    }
-    headers::add_forwarded(h, &ctx.conn.peer_ip, ctx.conn.https, original_host.as_ref());
+    headers::rewrite_for_upstream(
+        h,
+        ctx.credentials,
+        &ctx.conn.peer_ip,
+        ctx.conn.https,
+        original_host.as_ref(),
+    );
     h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(key) = ctx.principal {
-        h.insert(headers::X_KEYGATE_KEY_ID.clone(), key.key_id_header.clone());
-        h.insert(headers::X_KEYGATE_KEY_NAME.clone(), key.name_header.clone());
-        h.insert(headers::X_KEYGATE_OWNER.clone(), key.owner_header.clone());
-        h.insert(headers::X_KEYGATE_SCOPES.clone(), key.scopes_header.clone());
-        h.insert(headers::X_KEYGATE_ACCESS.clone(), key.access_header.clone());
+        h.insert(headers::X_KEYGATE_KEY_ID.clone(), key.key_id_header());
+        h.insert(headers::X_KEYGATE_KEY_NAME.clone(), key.name_header());
+        h.insert(headers::X_KEYGATE_OWNER.clone(), key.owner_header());
+        h.insert(headers::X_KEYGATE_SCOPES.clone(), key.scopes_header());
+        h.insert(headers::X_KEYGATE_ACCESS.clone(), key.access_header());
     }
     h.insert(header::HOST, route.upstream_host.clone());
     parts.uri = upstream_uri(&parts.uri, route, ctx.normalized_path)?;

@@ -84,6 +84,12 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// redb's own page cache. Its default (1 GiB) would hold a million-key file
+/// whole, doubling the process's memory for pages the key cache in front of
+/// the store already answers from; reads that miss it go to the operating
+/// system's file cache, which is not this process's memory.
+const PAGE_CACHE_BYTES: usize = 64 << 20;
+
 impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`, creating parent directories.
     ///
@@ -97,13 +103,18 @@ impl EmbeddedStore {
                 StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                "{} is in use by another keygate process",
-                path.display()
-            )),
-            other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                    "{} is in use by another keygate process",
+                    path.display()
+                )),
+                other => {
+                    StoreError::Unavailable(format!("cannot open {}: {other}", path.display()))
+                }
+            })?;
         // Create every table up front so read transactions never meet a missing one.
         let txn = db.begin_write()?;
         {

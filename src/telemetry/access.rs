@@ -228,7 +228,7 @@ pub(super) fn write(redactor: &Redactor, head: &Head, done: &Done<'_>, elapsed: 
         .path_and_query()
         .map_or(head.uri.path(), |pq| pq.as_str());
     let path = redactor.target(target);
-    let key = done.exchange.key.as_deref().map(|k| &k.record);
+    let key = done.exchange.key.as_deref();
     let line = Line {
         request_id: done.request_id.and_then(|v| v.to_str().ok()),
         client: done.client,
@@ -237,8 +237,8 @@ pub(super) fn write(redactor: &Redactor, head: &Head, done: &Done<'_>, elapsed: 
         route: done.exchange.route.map(|r| &**r),
         status: done.status.as_u16(),
         code: done.error.map_or(UPSTREAM_CODE, |e| e.code()),
-        key_id: key.map(|k| k.id.as_str()),
-        owner: key.map(|k| k.owner.as_str()),
+        key_id: key.map(|k| k.id().as_str()),
+        owner: key.map(|k| k.owner()),
         upstream_status: done.exchange.upstream_status.map(|s| s.as_u16()),
         duration: elapsed,
         upstream: done.exchange.upstream_elapsed,
