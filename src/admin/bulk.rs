@@ -72,9 +72,21 @@ pub struct BulkResults {
 }
 
 /// Which keys a call selects.
-enum Selection {
+#[derive(Debug)]
+pub enum Selection {
+    /// Key ids as given (not parsed yet: a malformed one fails on its own).
     Ids(Vec<String>),
+    /// A filter, resolved against the store when the call runs.
     Filter(ListFilter),
+}
+
+/// A validated bulk body.
+#[derive(Debug)]
+pub struct BulkCall {
+    pub action: Action,
+    /// Only for [`Action::Revoke`].
+    pub reason: Option<String>,
+    pub selection: Selection,
 }
 
 /// `POST /v1/keys/bulk`.
@@ -92,8 +104,31 @@ enum Selection {
 pub async fn run(
     State(state): State<Arc<AdminState>>,
     caller: Caller,
-    JsonBody(mut body): JsonBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<BulkResults>, AdminError> {
+    let BulkCall {
+        action,
+        reason,
+        selection,
+    } = parse(body)?;
+    let ids = match selection {
+        Selection::Ids(ids) => ids,
+        Selection::Filter(filter) => select(&state, &caller, filter).await?,
+    };
+    let mut results = Vec::with_capacity(ids.len());
+    for id in ids {
+        let outcome = apply(&state, &caller, action, &id, reason.as_deref()).await;
+        results.push(ItemResult {
+            ok: outcome.is_ok(),
+            error: outcome.err().map(|e| e.code()),
+            id,
+        });
+    }
+    Ok(Json(BulkResults { results }))
+}
+
+/// Validates a bulk body; touches no store (a filter is resolved by [`run`]).
+pub fn parse(mut body: Fields) -> Result<BulkCall, AdminError> {
     body.reject_unknown("", BULK_FIELDS)?;
     let action = body
         .take("action")
@@ -108,20 +143,11 @@ pub async fn run(
             "is only for the revoke action",
         ));
     }
-    let ids = match selection(&mut body)? {
-        Selection::Ids(ids) => ids,
-        Selection::Filter(filter) => select(&state, &caller, filter).await?,
-    };
-    let mut results = Vec::with_capacity(ids.len());
-    for id in ids {
-        let outcome = apply(&state, &caller, action, &id, reason.as_deref()).await;
-        results.push(ItemResult {
-            ok: outcome.is_ok(),
-            error: outcome.err().map(|e| e.code()),
-            id,
-        });
-    }
-    Ok(Json(BulkResults { results }))
+    Ok(BulkCall {
+        action,
+        reason,
+        selection: selection(&mut body)?,
+    })
 }
 
 /// Reads `ids` xor `filter`.

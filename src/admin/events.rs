@@ -73,7 +73,9 @@ pub async fn list(
     }))
 }
 
-fn event_filter(q: &mut QueryParams) -> Result<EventFilter, AdminError> {
+/// Reads the filters of `GET /v1/events` (the caller then checks that
+/// nothing is left over with [`QueryParams::finish`]).
+pub fn event_filter(q: &mut QueryParams) -> Result<EventFilter, AdminError> {
     let key_id = q
         .take("key_id")?
         .map(|s| {

@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use super::AdminState;
 use super::auth::Caller;
-use super::extract::{JsonBody, KeyPath, QueryParams, decode_cursor, encode_cursor};
+use super::extract::{Fields, JsonBody, KeyPath, QueryParams, decode_cursor, encode_cursor};
 use super::input::{self, KeyEdit, NewKey};
 use super::openapi::{
     CreateKeyRequest, EmptyRequest, ListKeysQuery, Problem, RevokeRequest, RotateRequest,
@@ -142,8 +142,9 @@ pub async fn list(
     }))
 }
 
-/// Reads the filters of `GET /v1/keys`.
-fn list_filter(q: &mut QueryParams) -> Result<ListFilter, AdminError> {
+/// Reads the filters of `GET /v1/keys` (the caller then checks that nothing
+/// is left over with [`QueryParams::finish`]).
+pub fn list_filter(q: &mut QueryParams) -> Result<ListFilter, AdminError> {
     let status = q
         .take("status")?
         .map(|s| {
@@ -248,15 +249,20 @@ pub async fn revoke(
     State(state): State<Arc<AdminState>>,
     caller: Caller,
     KeyPath(id): KeyPath,
-    JsonBody(mut body): JsonBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<KeyView>, AdminError> {
-    body.reject_unknown("", &["reason"])?;
-    let reason = reason(body.nullable_string("reason")?)?;
+    let reason = parse_revoke(body)?;
     let rec = ops::modify(&state, &caller, &id, |rec, now| {
         ops::revoke(rec, &caller.name, reason.as_deref(), now)
     })
     .await?;
     Ok(Json(rec.view(state.clock.now())))
+}
+
+/// Validates a revoke body: the optional `reason`.
+pub fn parse_revoke(mut body: Fields) -> Result<Option<String>, AdminError> {
+    body.reject_unknown("", &["reason"])?;
+    reason(body.nullable_string("reason")?)
 }
 
 /// Checks a revocation reason's length.
@@ -345,16 +351,9 @@ pub async fn rotate(
     State(state): State<Arc<AdminState>>,
     caller: Caller,
     KeyPath(id): KeyPath,
-    JsonBody(mut body): JsonBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, AdminError> {
-    body.reject_unknown("", &["grace"])?;
-    let grace = match body.string("grace")? {
-        None => std::time::Duration::ZERO,
-        Some(g) => input::duration("grace", &g)?,
-    };
-    if grace > MAX_GRACE {
-        return Err(AdminError::invalid("grace", "must be at most 30d"));
-    }
+    let grace = parse_rotate(body)?;
     let prefix = state.config.load().keys.prefix.clone();
     let mut secret = None;
     let rec = ops::modify(&state, &caller, &id, |rec, now| {
@@ -372,6 +371,19 @@ pub async fn rotate(
         rec.view(state.clock.now()),
         &token,
     ))
+}
+
+/// Validates a rotate body: the optional `grace` (default `0s`, at most 30 days).
+pub fn parse_rotate(mut body: Fields) -> Result<std::time::Duration, AdminError> {
+    body.reject_unknown("", &["grace"])?;
+    let grace = match body.string("grace")? {
+        None => std::time::Duration::ZERO,
+        Some(g) => input::duration("grace", &g)?,
+    };
+    if grace > MAX_GRACE {
+        return Err(AdminError::invalid("grace", "must be at most 30d"));
+    }
+    Ok(grace)
 }
 
 /// `DELETE /v1/keys/{id}`.

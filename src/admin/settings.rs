@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::AdminState;
 use super::auth::Caller;
-use super::extract::JsonBody;
+use super::extract::{Fields, JsonBody};
 use super::input::format_duration;
 use super::openapi::{Problem, SettingsUpdateRequest};
 use super::ops::store_err;
@@ -99,11 +99,10 @@ pub async fn show(
 pub async fn update(
     State(state): State<Arc<AdminState>>,
     caller: Caller,
-    JsonBody(mut body): JsonBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<SettingsView>, AdminError> {
     caller.require_admin("changing settings")?;
-    body.reject_unknown("", SETTINGS_FIELDS)?;
-    let enabled = body.boolean("api_keys_enabled")?;
+    let enabled = parse_update(body)?;
     let mut settings = state
         .store
         .get_settings()
@@ -129,4 +128,11 @@ pub async fn update(
         tracing::info!(actor = %caller.name, api_keys_enabled = enabled, "admin change: settings updated");
     }
     Ok(Json(view(&state, &settings)))
+}
+
+/// Validates a `PATCH /v1/settings` body: the kill switch's new value, `None`
+/// to leave it as it is.
+pub fn parse_update(mut body: Fields) -> Result<Option<bool>, AdminError> {
+    body.reject_unknown("", SETTINGS_FIELDS)?;
+    body.boolean("api_keys_enabled")
 }
