@@ -63,7 +63,16 @@ pub struct Server {
 pub async fn open_store(cfg: &Config) -> Result<SharedStore, StoreError> {
     Ok(match &cfg.store.backend {
         StoreBackend::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
-        StoreBackend::Redis { url, prefix } => Arc::new(RedisStore::connect(url, prefix).await?),
+        StoreBackend::Redis {
+            url,
+            prefix,
+            cluster: false,
+        } => Arc::new(RedisStore::connect(url, prefix).await?),
+        StoreBackend::Redis {
+            url,
+            prefix,
+            cluster: true,
+        } => Arc::new(RedisStore::connect_cluster(url, prefix).await?),
     })
 }
 
@@ -302,6 +311,7 @@ fn spawn_workers(
             .name(format!("keygate-proxy-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    // Access lines of this worker go to its own chunk.
                     let _batching = crate::telemetry::access::LocalBatching::start();
                     match TcpListener::from_std(std_listener) {
                         Ok(l) => listener::serve(l, gateway, tls, limits, slots, shutdown).await,

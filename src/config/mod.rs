@@ -87,8 +87,15 @@ pub struct AdminConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
-    Embedded { path: PathBuf },
-    Redis { url: String, prefix: String },
+    Embedded {
+        path: PathBuf,
+    },
+    Redis {
+        url: String,
+        prefix: String,
+        /// `url` is a seed node of a Redis Cluster (`store.redis.cluster`).
+        cluster: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -845,8 +852,34 @@ mod tests {
             c.store.backend,
             StoreBackend::Redis {
                 url: "rediss://u:p@cache.internal:6380/2".into(),
-                prefix: "keygate:".into()
+                prefix: "keygate:".into(),
+                cluster: false,
             }
+        );
+        let c =
+            ok("store:\n  backend: redis\n  redis: {url: 'redis://n1:7000/0', cluster: true}\n");
+        assert_eq!(
+            c.store.backend,
+            StoreBackend::Redis {
+                url: "redis://n1:7000/0".into(),
+                prefix: "keygate:".into(),
+                cluster: true,
+            }
+        );
+        let e = err_env(
+            "store:\n  backend: redis\n  redis:\n    url: redis://u:hunter2@n1:7000/2\n    cluster: true\n",
+            &[],
+        )
+        .to_string();
+        assert!(
+            e.starts_with("k.yaml:4:10: store.redis.url: a Redis Cluster has only database 0"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "the URL may hold a password: {e}");
+        rejects(
+            "store:\n  backend: redis\n  redis: {url: 'redis://h', cluster: sometimes}\n",
+            "k.yaml:3:",
+            "true or false",
         );
         let c = ok("store:\n  path: /var/lib/kg.redb\n  redis: {url: redis://h, prefix: 'x:'}\n");
         assert_eq!(
@@ -1433,7 +1466,8 @@ mod tests {
             c.store.backend,
             StoreBackend::Redis {
                 url: "redis://r:6379/1".into(),
-                prefix: "p:".into()
+                prefix: "p:".into(),
+                cluster: false,
             }
         );
         let c = ok_env(

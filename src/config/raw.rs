@@ -215,6 +215,7 @@ enum RawStoreBackend {
 struct RawRedis {
     url: Option<Val<String>>,
     prefix: Option<Val<String>>,
+    cluster: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -796,19 +797,26 @@ impl Validator<'_> {
                         "redis needs store.redis.url (e.g. redis://127.0.0.1:6379)",
                     )
                 })?;
-                let url = self.redis_url(url, "store.redis.url")?;
+                let cluster = redis.cluster.unwrap_or(false);
+                let url = self.redis_url(url, "store.redis.url", cluster)?;
                 let prefix = match &redis.prefix {
                     Some(p) => self.redis_prefix(p)?,
                     None => DEFAULT_REDIS_PREFIX.to_owned(),
                 };
-                StoreBackend::Redis { url, prefix }
+                StoreBackend::Redis {
+                    url,
+                    prefix,
+                    cluster,
+                }
             }
         };
         Ok(StoreConfig { backend })
     }
 
-    /// The URL is never echoed in errors: it may hold a password.
-    fn redis_url(&self, v: &Val<String>, path: &str) -> Result<String, ConfigError> {
+    /// The URL is never echoed in errors: it may hold a password. A cluster
+    /// seed node's URL may not name a database other than 0 (a cluster has no
+    /// other).
+    fn redis_url(&self, v: &Val<String>, path: &str, cluster: bool) -> Result<String, ConfigError> {
         let text = v.value.trim();
         let url = url::Url::parse(text)
             .map_err(|e| self.err(v.at, path, format!("invalid URL ({e})")))?;
@@ -817,6 +825,14 @@ impl Validator<'_> {
                 v.at,
                 path,
                 "must be a redis:// or rediss:// URL with a host, e.g. redis://127.0.0.1:6379",
+            ));
+        }
+        let db = url.path().trim_matches('/');
+        if cluster && !db.is_empty() && db != "0" {
+            return Err(self.err(
+                v.at,
+                path,
+                "a Redis Cluster has only database 0: drop the /<db> from the URL (store.redis.cluster is true)",
             ));
         }
         Ok(text.to_owned())

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, RateLimitBackend, StoreBackend};
 use crate::error::GatewayError;
 use crate::keys::{KeyId, RateLimitSpec};
+use crate::store::redis_conn::RedisEndpoint;
 pub use failures::{FailedAuth, client_ip};
 use headers::{CurrentTable, PolicyCache, ceil_secs};
 pub use headers::{Policy, RateHeaders};
@@ -193,7 +194,12 @@ impl RateLimits {
     /// `rate_limit.backend: redis` (which needs the Redis store), else local.
     /// Must run inside a Tokio runtime (the Redis connection is made there).
     pub fn from_config(cfg: &Config) -> RateLimits {
-        let StoreBackend::Redis { url, prefix } = &cfg.store.backend else {
+        let StoreBackend::Redis {
+            url,
+            prefix,
+            cluster,
+        } = &cfg.store.backend
+        else {
             if cfg.rate_limit.backend == RateLimitBackend::Redis {
                 tracing::warn!(
                     "rate_limit.backend is redis but the store is not; limits are per instance"
@@ -204,7 +210,8 @@ impl RateLimits {
         if cfg.rate_limit.backend != RateLimitBackend::Redis {
             return RateLimits::local(cfg);
         }
-        match SharedLimiter::new(url, prefix) {
+        let shared = RedisEndpoint::new(url, *cluster).and_then(|e| SharedLimiter::on(&e, prefix));
+        match shared {
             Ok(shared) => RateLimits::with_backend(Backend::Shared(Arc::new(shared)), cfg),
             Err(e) => {
                 tracing::warn!(

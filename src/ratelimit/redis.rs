@@ -70,14 +70,13 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 
 use super::hash::FastHash;
 use super::local::LocalLimiter;
 use super::{Scope, Verdict};
 use crate::keys::{KeyId, RateLimitSpec};
-use crate::store::redis::OP_TIMEOUT;
+use crate::store::redis_conn::{HASH_TAG, OP_TIMEOUT, RedisConn, RedisEndpoint};
 
 /// Cells a lease holds: what the key earns in this time.
 pub const LEASE_WINDOW: Duration = Duration::from_millis(20);
@@ -89,8 +88,6 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 const LEASE_IDLE: Duration = Duration::from_secs(30);
 /// Upper bound on one lease.
 const LEASE_MAX: u32 = 1000;
-/// Same bounds as the store's connection (src/store/redis.rs).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Slack on top of a refill's own deadline before a waiting request gives up.
 const WAIT_SLACK: Duration = Duration::from_millis(100);
 
@@ -244,7 +241,7 @@ type LeaseKey = (Option<Arc<str>>, KeyId);
 
 /// Limits shared by every instance on one Redis.
 pub struct SharedLimiter {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: Script,
     /// `<prefix>{kg}:rl:`
     base: String,
@@ -254,26 +251,24 @@ pub struct SharedLimiter {
 }
 
 impl SharedLimiter {
-    /// A limiter on the Redis at `url`, naming its buckets under `prefix`.
-    /// Connects lazily: an unreachable Redis makes the first refill fail and
-    /// the limiter start degraded, it does not stop keygate from starting.
+    /// A limiter on the single Redis at `url`, naming its buckets under
+    /// `prefix`. Connects lazily: an unreachable Redis makes the first refill
+    /// fail and the limiter start degraded, it does not stop keygate from
+    /// starting.
     pub fn new(url: &str, prefix: &str) -> Result<SharedLimiter, String> {
-        // The URL may hold a password: never echo it.
-        let client = redis::Client::open(url).map_err(|_| {
-            "invalid redis URL (expected redis://[user:password@]host:port[/db])".to_owned()
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        SharedLimiter::on(&RedisEndpoint::new(url, false)?, prefix)
+    }
+
+    /// Like [`SharedLimiter::new`] on any endpoint (a single Redis or a Redis
+    /// Cluster: buckets carry the store's hash tag, so they live in its slot).
+    pub fn on(endpoint: &RedisEndpoint, prefix: &str) -> Result<SharedLimiter, String> {
+        let conn = endpoint
+            .connect_lazy()
             .map_err(|e| format!("cannot set up the redis connection: {}", e.category()))?;
         Ok(SharedLimiter {
             conn,
             script: Script::new(GRANT_LUA),
-            base: format!("{prefix}{{kg}}:rl:"),
+            base: format!("{prefix}{HASH_TAG}:rl:"),
             leases: DashMap::default(),
             fallback: LocalLimiter::new(),
             degraded: AtomicBool::new(false),

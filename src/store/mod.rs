@@ -2,9 +2,10 @@
 //!
 //! [`KeyStore`] is the one interface the rest of keygate uses; two backends
 //! implement it: [`embedded`] (a redb file, the default) and [`redis`] (shared by
-//! several instances). Every write is committed before the call returns, and every
-//! write that changes what the data plane must answer publishes an
-//! [`Invalidation`] so caches on every instance drop what they hold.
+//! several instances, on one Redis server or a Redis Cluster: [`redis_conn`]).
+//! Every write is committed before the call returns, and every write that
+//! changes what the data plane must answer publishes an [`Invalidation`] so
+//! caches on every instance drop what they hold.
 //!
 //! Updates are optimistic: a record carries a `version`; [`KeyStore::update_key`]
 //! fails with [`StoreError::Conflict`] when the stored version moved, and the
@@ -13,6 +14,7 @@
 pub mod embedded;
 pub mod metered;
 pub mod redis;
+pub mod redis_conn;
 
 use std::borrow::Cow;
 use std::sync::Arc;

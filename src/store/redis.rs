@@ -30,13 +30,20 @@
 //! script as the write, and the instance that wrote also sends the invalidation
 //! on its local channel at once. A background task holds a dedicated pub/sub
 //! connection, forwards what it receives, pings it every second to notice a dead
-//! or frozen server, reconnects with backoff (100 ms doubling to 5 s), and after a
-//! reconnect sends [`Invalidation::All`], since messages may have been missed. It
-//! stops when the store is dropped.
+//! or frozen server, tries to resubscribe every 100 ms while it is away, and after
+//! a reconnect sends [`Invalidation::All`], since messages may have been missed,
+//! as soon as the command connection answers again (flushed before that, every
+//! cached key would be re-read from a store this instance cannot reach yet and
+//! refused with 503). It stops when the store is dropped.
 //!
 //! Every round trip is bounded by [`OP_TIMEOUT`]: a dead or stopped server yields
-//! [`StoreError::Unavailable`] quickly instead of a hang, and the
-//! `ConnectionManager` reconnects by itself once the server is back.
+//! [`StoreError::Unavailable`] quickly instead of a hang, and the connection
+//! reconnects by itself once the server is back.
+//!
+//! Redis Cluster (`store.redis.cluster: true`): the commands, pipelines and
+//! scripts here are the same; [`RedisConn`] sends all of them to the primary
+//! of the `{kg}` slot, and the subscriber listens on that node (see
+//! [`super::redis_conn`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -45,25 +52,36 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::aio::{PubSubSink, PubSubStream};
 use redis::{FromRedisValue, RedisError, Script};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub use super::redis_conn::OP_TIMEOUT;
+use super::redis_conn::{CONNECT_TIMEOUT, HASH_TAG, RedisConn, RedisEndpoint};
 use super::{
     Collector, Event, EventFilter, Invalidation, InvalidationBus, KeyStore, ListFilter, ListProbe,
     Page, Settings, StoreError, UsageCounts, UsageDelta, UsageHour, event_prune_bounds, hour_start,
 };
 use crate::keys::{KeyId, KeyRecord, TokenHash};
 
-/// Upper bound on one round trip to Redis.
-pub const OP_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Bound on establishing a connection (command or pub/sub).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the pub/sub connection is pinged to detect a dead server.
 const PUBSUB_PING_EVERY: Duration = Duration::from_secs(1);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the subscriber waits between attempts to resubscribe: short and
+/// constant, not a growing backoff. While it is away this instance hears none
+/// of the other instances' revokes, and once Redis answers again they write at
+/// once; the subscription must follow within about the 100 ms revocations
+/// promise (DESIGN.md section 7; the fault tests in `tests/it/faults.rs` measured
+/// 675 ms with a backoff doubling to 5 s). An attempt on a dead server fails at once
+/// (refused) or within the connect timeout, so retrying this often is cheap.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_millis(100);
+/// Of consecutive failed attempts to resubscribe, the first and then every
+/// this many are logged as warnings (about every 5 s), the others at debug.
+const RESUBSCRIBE_WARN_EVERY: u32 = 50;
+/// After resubscribing, how often the command connection is tried until it
+/// answers, and how long at most before the caches are flushed regardless.
+const COMMANDS_POLL_EVERY: Duration = Duration::from_millis(25);
+const FLUSH_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Ids fetched per round trip when scanning keys or events.
 const SCAN_BATCH: usize = 250;
 /// Usage deltas per script call.
@@ -197,7 +215,7 @@ struct Layout {
 impl Layout {
     fn new(prefix: &str) -> Layout {
         Layout {
-            base: format!("{prefix}{{kg}}:"),
+            base: format!("{prefix}{HASH_TAG}:"),
         }
     }
     fn rec(&self, id: &str) -> String {
@@ -246,7 +264,7 @@ struct Scripts {
 
 /// A Redis-backed [`KeyStore`], shared by every instance using the same prefix.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Layout,
     scripts: Scripts,
     invalidations: InvalidationBus,
@@ -269,42 +287,41 @@ impl Drop for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url`, keeping every name under `prefix`, and starts the
-    /// invalidation subscriber. Fails if Redis does not answer now; later outages
-    /// are survived (calls fail with [`StoreError::Unavailable`] until it is back).
+    /// Connects to the single Redis at `url`, keeping every name under
+    /// `prefix`, and starts the invalidation subscriber. Fails if Redis does not
+    /// answer now; later outages are survived (calls fail with
+    /// [`StoreError::Unavailable`] until it is back).
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::open(url, false, prefix).await
+    }
+
+    /// Like [`RedisStore::connect`] on a Redis Cluster, with `url` naming one
+    /// seed node (the others are discovered).
+    pub async fn connect_cluster(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::open(url, true, prefix).await
+    }
+
+    async fn open(url: &str, cluster: bool, prefix: &str) -> Result<RedisStore, StoreError> {
         if prefix.contains(['{', '}']) {
             return Err(StoreError::Unavailable(format!(
                 "redis prefix {prefix:?} must not contain '{{' or '}}' (keygate adds its own hash tag)"
             )));
         }
         // The URL may hold a password: never echo it.
-        let client = redis::Client::open(url).map_err(|_| {
-            StoreError::Unavailable(
-                "invalid redis URL (expected redis://[user:password@]host:port[/db])".into(),
-            )
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            // One quick retry per reconnect: callers get an answer fast while Redis
-            // is down, and the next call starts a fresh reconnect.
-            .set_number_of_retries(1)
-            .set_min_delay(BACKOFF_MIN)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = bounded(
-            CONNECT_TIMEOUT * 3,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await?;
+        let endpoint = RedisEndpoint::new(url, cluster).map_err(StoreError::Unavailable)?;
+        let conn = bounded(CONNECT_TIMEOUT * 3, endpoint.connect()).await?;
         let keys = Layout::new(prefix);
         let channel = keys.channel();
-        let first = bounded(CONNECT_TIMEOUT * 2, open_subscription(&client, &channel)).await?;
+        let first = bounded(
+            CONNECT_TIMEOUT * 2,
+            open_subscription(&endpoint, &conn, &channel),
+        )
+        .await?;
         let invalidations = InvalidationBus::default();
         let stop = CancellationToken::new();
         tokio::spawn(run_subscriber(
             Subscriber {
-                client,
+                endpoint,
                 channel,
                 commands: conn.clone(),
                 local: invalidations.clone(),
@@ -452,7 +469,7 @@ enum Req<'a> {
 }
 
 impl Req<'_> {
-    async fn send<T: FromRedisValue>(&self, mut conn: ConnectionManager) -> Result<T, RedisError> {
+    async fn send<T: FromRedisValue>(&self, mut conn: RedisConn) -> Result<T, RedisError> {
         match self {
             Req::Cmd(c) => c.query_async(&mut conn).await,
             Req::Pipe(p) => p.query_async(&mut conn).await,
@@ -463,10 +480,10 @@ impl Req<'_> {
 
 /// Sends `req`, bounded by [`OP_TIMEOUT`]. With `retry`, a request that failed
 /// on a lost connection is sent once more: after a Redis restart the first use
-/// of the old connection fails, and the `ConnectionManager` has already started
-/// a fresh one. Only reads are retried, since a write may have been applied.
+/// of the old connection fails, and the connection has already started a
+/// fresh one. Only reads are retried, since a write may have been applied.
 async fn send<T: FromRedisValue>(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     req: Req<'_>,
     retry: bool,
 ) -> Result<T, StoreError> {
@@ -965,11 +982,14 @@ impl KeyStore for RedisStore {
     }
 }
 
-/// Opens a dedicated pub/sub connection subscribed to `channel`.
+/// Opens a dedicated pub/sub connection subscribed to `channel`, on the node
+/// [`RedisEndpoint::pubsub_client`] picks (asked through `commands`).
 async fn open_subscription(
-    client: &redis::Client,
+    endpoint: &RedisEndpoint,
+    commands: &RedisConn,
     channel: &str,
 ) -> Result<(PubSubSink, PubSubStream), RedisError> {
+    let client = endpoint.pubsub_client(commands).await?;
     let (mut sink, stream) = client.get_async_pubsub().await?.split();
     sink.subscribe(channel).await?;
     Ok((sink, stream))
@@ -977,10 +997,11 @@ async fn open_subscription(
 
 /// What the pub/sub task needs.
 struct Subscriber {
-    client: redis::Client,
+    endpoint: RedisEndpoint,
     channel: String,
-    /// The store's command connection, warmed up after a reconnect.
-    commands: ConnectionManager,
+    /// The store's command connection, warmed up after a reconnect (and, on a
+    /// cluster, asked which node to subscribe on).
+    commands: RedisConn,
     local: InvalidationBus,
     stop: CancellationToken,
 }
@@ -989,36 +1010,45 @@ struct Subscriber {
 /// the subscription alive across disconnects (see the module docs).
 async fn run_subscriber(sub: Subscriber, first: (PubSubSink, PubSubStream)) {
     let Subscriber {
-        client,
+        endpoint,
         channel,
         commands,
         local,
         stop,
     } = sub;
     let mut next = Some(first);
-    let mut backoff = BACKOFF_MIN;
+    let mut failures: u32 = 0;
     loop {
         let conn = match next.take() {
             Some(conn) => Some(conn),
             None => {
-                let attempt = bounded(CONNECT_TIMEOUT * 2, open_subscription(&client, &channel));
+                let attempt = bounded(
+                    CONNECT_TIMEOUT * 2,
+                    open_subscription(&endpoint, &commands, &channel),
+                );
                 tokio::select! {
                     () = stop.cancelled() => return,
                     res = attempt => match res {
                         Ok(conn) => {
                             tracing::info!("redis pub/sub reconnected; flushing caches");
-                            // Make the command connection notice the outage now, so
-                            // the reloads that follow the flush find it ready.
-                            let ping = Req::Cmd(&redis::cmd("PING"));
-                            if let Err(e) = send::<String>(&commands, ping, true).await {
-                                tracing::warn!(error = %e, "redis commands not back yet");
+                            // Messages sent while we were away are lost, so the caches
+                            // are flushed, but not before this instance can read the
+                            // store again: the reloads that follow the flush would fail
+                            // and refuse every cached key. Messages that arrive meanwhile
+                            // wait on the new subscription.
+                            if !commands_answer(&commands, &stop).await {
+                                return;
                             }
-                            // Messages sent while we were away are lost.
                             local.send(Invalidation::All);
                             Some(conn)
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "redis pub/sub reconnect failed");
+                            failures = failures.saturating_add(1);
+                            if failures % RESUBSCRIBE_WARN_EVERY == 1 {
+                                tracing::warn!(error = %e, failures, "redis pub/sub reconnect failed");
+                            } else {
+                                tracing::debug!(error = %e, failures, "redis pub/sub reconnect failed");
+                            }
                             None
                         }
                     }
@@ -1026,7 +1056,7 @@ async fn run_subscriber(sub: Subscriber, first: (PubSubSink, PubSubStream)) {
             }
         };
         if let Some((sink, stream)) = conn {
-            backoff = BACKOFF_MIN;
+            failures = 0;
             match pump(sink, stream, &local, &stop).await {
                 Pumped::Stopped => return,
                 Pumped::Lost(why) => tracing::warn!(reason = why, "redis pub/sub connection lost"),
@@ -1034,9 +1064,30 @@ async fn run_subscriber(sub: Subscriber, first: (PubSubSink, PubSubStream)) {
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(RESUBSCRIBE_EVERY) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Waits until the command connection answers a PING, trying every
+/// [`COMMANDS_POLL_EVERY`] for at most [`FLUSH_WAIT_MAX`]; false if `stop`
+/// fired first.
+async fn commands_answer(commands: &RedisConn, stop: &CancellationToken) -> bool {
+    let started = tokio::time::Instant::now();
+    loop {
+        let ping = Req::Cmd(&redis::cmd("PING"));
+        match send::<String>(commands, ping, true).await {
+            Ok(_) => return true,
+            Err(e) if started.elapsed() >= FLUSH_WAIT_MAX => {
+                tracing::warn!(error = %e, "redis commands still failing; flushing caches anyway");
+                return true;
+            }
+            Err(e) => tracing::debug!(error = %e, "redis commands not back yet"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(COMMANDS_POLL_EVERY) => {}
+        }
     }
 }
 

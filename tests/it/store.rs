@@ -1,10 +1,13 @@
 //! Store contract tests: one suite, written against `Arc<dyn KeyStore>`, run
-//! unchanged against the embedded (redb) and the Redis backend (a real
-//! `redis-server` per test). Backend-specific behaviour (reopening a file, two
-//! instances on one Redis, outages) follows at the end.
+//! unchanged against the embedded (redb) and the Redis backend, on a single
+//! Redis (a real `redis-server` per test) and on a Redis Cluster (three
+//! cluster-mode `redis-server`s shared by the tests running at the same time,
+//! each test under its own prefix). Backend-specific behaviour (reopening a
+//! file, two instances on one Redis, outages) follows at the end.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -18,7 +21,7 @@ use keygate::store::{
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use crate::common::redis::RedisServer;
+use crate::common::redis::{RedisCluster, RedisServer};
 
 /// A store under test and whatever must outlive it (dropped after the store).
 struct Harness {
@@ -29,6 +32,7 @@ struct Harness {
 enum Keep {
     Dir(#[allow(dead_code)] tempfile::TempDir),
     Redis(#[allow(dead_code)] RedisServer),
+    Cluster(#[allow(dead_code)] Arc<RedisCluster>),
 }
 
 async fn open_embedded() -> Harness {
@@ -51,6 +55,22 @@ async fn open_redis() -> Harness {
     }
 }
 
+/// A store on the shared cluster under a prefix no other test uses, seeded
+/// with each node in turn (so most tests must discover the `{kg}` slot's node).
+async fn open_cluster() -> Harness {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let cluster = RedisCluster::shared();
+    let prefix = format!("contract{n}:");
+    let store = RedisStore::connect_cluster(&cluster.url(n), &prefix)
+        .await
+        .expect("connect to the cluster");
+    Harness {
+        store: Arc::new(store),
+        _keep: Keep::Cluster(cluster),
+    }
+}
+
 /// Instantiates every contract test once per backend.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -67,6 +87,14 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::open_redis().await).await;
+                }
+            )*
+        }
+        mod on_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::open_cluster().await).await;
                 }
             )*
         }
