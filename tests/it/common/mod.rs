@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod keygate;
+pub mod load;
 pub mod redis;
 pub mod upstream;
