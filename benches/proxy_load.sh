@@ -16,7 +16,9 @@
 # (`oha -q R --latency-correction`, R = half the nginx proxy's median closed-loop
 # rate of this run) that reports p99 and p99.9 and what each adds to direct's.
 # h2 needs h2load (nghttp2-client), the open loop oha (`cargo install oha`);
-# scenarios whose tool is missing are skipped with a message.
+# scenarios whose tool is missing are skipped with a message. Each closed-loop
+# row also shows the proxy process's CPU (utime + stime from /proc) per 100k
+# requests: for direct, the upstream nginx worker's.
 #
 # Environment: KEYGATE_WORKERS (proxy worker threads, each a single-threaded
 # runtime on SO_REUSEPORT; default: one per CPU), KEYGATE_BIN (use this binary
@@ -167,6 +169,7 @@ routes:
 YAML
   KEYGATE_LOG=warn "$KEYGATE" serve --config "$WORK/$name.yaml" > "$WORK/$name.out" 2> "$WORK/$name.err" &
   PIDS+=($!)
+  printf -v "PID_$name" '%s' "$!"
   for _ in $(seq 100); do
     grep -q "keygate listening" "$WORK/$name.out" 2>/dev/null && break
     sleep 0.1
@@ -224,6 +227,24 @@ if [ -n "$OHA" ]; then
 fi
 ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key redis_key nginx_1k keygate_1k
   nginx_64k keygate_64k h2_nginx h2_keygate ol_direct ol_nginx ol_keygate_open ol_keygate_key)
+# The process whose CPU each scenario charges (the proxy under test; for
+# direct, the upstream's worker): utime + stime from /proc, per 100k requests.
+worker_of() { pgrep -P "$(cat "$1")" | head -1; }
+UP_WORKER=$(worker_of "$WORK/up.pid"); PX_WORKER=$(worker_of "$WORK/px.pid")
+declare -A CPUPID
+for s in "${ALL[@]}"; do
+  case "$s" in
+    *direct) CPUPID[$s]=$UP_WORKER ;;
+    *nginx*) CPUPID[$s]=$PX_WORKER ;;
+    quiet_*) CPUPID[$s]=$PID_quiet ;;
+    redis_*) CPUPID[$s]=${PID_redis:-} ;;
+    *) CPUPID[$s]=$PID_kg ;;
+  esac
+done
+TICK=$(getconf CLK_TCK)
+# cpu_ticks PID: "utime stime" in clock ticks, all threads.
+cpu_ticks() { awk '{sub(/.*\) /, ""); print $12, $13}' "/proc/$1/stat"; }
+
 SCENARIOS=()
 for s in "${ALL[@]}"; do [ -n "${TOOL[$s]:-}" ] && SCENARIOS+=("$s"); done
 if [ -n "${SCENARIO_FILTER:-}" ]; then
@@ -251,6 +272,8 @@ RATE=0
 run_one() {
   local r=$1 s=$2 out rps p50 p99 p999 bad
   local hdr=${HDR[$s]:-$PAD}
+  local pid=${CPUPID[$s]:-} u0=0 s0=0 u1=0 s1=0
+  [ -n "$pid" ] && read -r u0 s0 < <(cpu_ticks "$pid")
   case "${TOOL[$s]}" in
     wrk)
       out=$(wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "$hdr" "${URL[$s]}")
@@ -279,8 +302,13 @@ bad = sum(n for c, n in codes.items() if not c.startswith("2")) + sum(d.get("err
 print(d["summary"]["requestsPerSec"], *(f"{p[k] * 1000:.3f}ms" for k in ("p50", "p99", "p99.9")), bad)')
       ;;
   esac
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$rps" "$p50" "$p99" "$p999" "${bad:-0}" >> "$RESULTS"
-  echo "round $r $s: $rps req/s p99 $p99 p99.9 $p999 non2xx ${bad:-0}" >&2
+  [ -n "$pid" ] && read -r u1 s1 < <(cpu_ticks "$pid")
+  # CPU seconds per 100k requests (user, system); requests = rate x duration.
+  local cu cs
+  read -r cu cs < <(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$TICK" -v r="$rps" -v d="$SECS" \
+    'BEGIN { n = r * d; if (n > 0) printf "%.3f %.3f\n", u / t * 1e5 / n, s / t * 1e5 / n; else print "- -" }')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$rps" "$p50" "$p99" "$p999" "${bad:-0}" "$cu" "$cs" >> "$RESULTS"
+  echo "round $r $s: $rps req/s p99 $p99 p99.9 $p999 non2xx ${bad:-0} cpu/100k ${cu}u ${cs}s" >&2
 }
 
 echo "warm-up..." >&2
@@ -317,8 +345,9 @@ def ms(v):
     return float(v)
 rows = {}
 for line in open(path):
-    r, s, rps, p50, p99, p999, bad = line.rstrip('\n').split('\t')
-    rows.setdefault(s, []).append((float(rps), ms(p50), ms(p99), ms(p999), int(float(bad or 0))))
+    r, s, rps, p50, p99, p999, bad, cu, cs = line.rstrip('\n').split('\t')
+    num = lambda x: None if x == '-' else float(x)
+    rows.setdefault(s, []).append((float(rps), ms(p50), ms(p99), ms(p999), int(float(bad or 0)), num(cu), num(cs)))
 def med(v, i):
     xs = [x[i] for x in v if x[i] is not None]
     return statistics.median(xs) if xs else None
@@ -344,8 +373,8 @@ base_of = {'nginx_1k': 'nginx_1k', 'keygate_1k': 'nginx_1k', 'nginx_64k': 'nginx
            'keygate_64k': 'nginx_64k', 'h2_nginx': 'h2_nginx', 'h2_keygate': 'h2_nginx'}
 print(f"wrk -t1 -c{conns} -d{dur} --latency (HTTP/2: h2load -t1 -c16 -m10 -D {dur}), {rounds} interleaved rounds, medians; keygate proxy workers: {workers}")
 print()
-print("| scenario | req/s | ratio to nginx proxy | p50 ms | p99 ms | non-2xx |")
-print("|---|---|---|---|---|---|")
+print("| scenario | req/s | ratio to nginx proxy | p50 ms | p99 ms | non-2xx | proxy CPU s per 100k req (user + sys) |")
+print("|---|---|---|---|---|---|---|")
 for s in names:
     if s not in rows: continue
     v = rows[s]
@@ -353,7 +382,9 @@ for s in names:
     b = base_of.get(s, 'nginx')
     base = med(rows[b], 0) if b in rows else None
     ratio = f"{rps/base:.2f}" if base else "-"
-    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} |")
+    cu, cs = med(v, 5), med(v, 6)
+    cpu = f"{cu + cs:.2f} ({cu:.2f} + {cs:.2f})" if cu is not None and cs is not None else '-'
+    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} | {cpu} |")
 open_names = {
     'ol_direct': 'upstream direct',
     'ol_nginx': 'nginx reverse proxy',
