@@ -807,6 +807,25 @@ mod tests {
         assert_eq!(text_header("100%"), "100%25");
     }
 
+    /// An embedded store in `dir` holding one fresh key.
+    async fn store_with_one_key(
+        dir: &std::path::Path,
+    ) -> (SharedStore, crate::keys::Token, KeyRecord) {
+        let store: SharedStore =
+            Arc::new(crate::store::embedded::EmbeddedStore::open(&dir.join("k.redb")).unwrap());
+        let token = crate::keys::Token::generate("kg_");
+        let rec = KeyRecord::issue(&token, "kg_", "k", "o", "test", chrono::Utc::now());
+        let event = crate::store::Event::new(
+            crate::store::EventType::KeyCreated,
+            Some(rec.id.clone()),
+            "test",
+            chrono::Utc::now(),
+            serde_json::Value::Null,
+        );
+        store.create_key(&rec, 10, &event).await.unwrap();
+        (store, token, rec)
+    }
+
     fn scope(s: &str) -> Scope {
         Scope::parse(s).unwrap()
     }
@@ -1013,19 +1032,7 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_reload_keeps_the_stale_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let inner: SharedStore = Arc::new(
-            crate::store::embedded::EmbeddedStore::open(&dir.path().join("k.redb")).unwrap(),
-        );
-        let token = crate::keys::Token::generate("kg_");
-        let rec = KeyRecord::issue(&token, "kg_", "k", "o", "test", chrono::Utc::now());
-        let event = crate::store::Event::new(
-            crate::store::EventType::KeyCreated,
-            Some(rec.id.clone()),
-            "test",
-            chrono::Utc::now(),
-            serde_json::Value::Null,
-        );
-        inner.create_key(&rec, 10, &event).await.unwrap();
+        let (inner, token, rec) = store_with_one_key(dir.path()).await;
         let store = Arc::new(Switched {
             inner,
             mode: 0.into(),
@@ -1068,19 +1075,7 @@ mod tests {
     #[tokio::test]
     async fn reconfigured_ttl_applies_to_cached_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(
-            crate::store::embedded::EmbeddedStore::open(&dir.path().join("k.redb")).unwrap(),
-        );
-        let token = crate::keys::Token::generate("kg_");
-        let rec = KeyRecord::issue(&token, "kg_", "k", "o", "test", chrono::Utc::now());
-        let event = crate::store::Event::new(
-            crate::store::EventType::KeyCreated,
-            Some(rec.id.clone()),
-            "test",
-            chrono::Utc::now(),
-            serde_json::Value::Null,
-        );
-        store.create_key(&rec, 10, &event).await.unwrap();
+        let (store, token, _) = store_with_one_key(dir.path()).await;
         let mut cfg = CacheConfig {
             max_keys: 10,
             ttl: Duration::from_secs(3600),

@@ -12,7 +12,6 @@
 //! way: these tests are about authentication, and they send thousands of
 //! failed attempts from one address on purpose.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -256,22 +255,6 @@ async fn metric(kg: &Keygate, name: &str) -> u64 {
 
 async fn store_reads(kg: &Keygate) -> u64 {
     metric(kg, "keygate_store_reads_total").await
-}
-
-/// Sends one command to a redis-server (RESP) and returns its raw answer.
-fn redis_command(port: u16, args: &[&str]) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to redis on {port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(cmd.as_bytes()).expect("write to redis");
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).expect("read from redis");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 /// What a burst of concurrent requests with one key got.
@@ -835,8 +818,8 @@ async fn redis_down_serves_cached_keys_refuses_uncached_ones_and_recovers() {
 
     // Keep the data across the restart: the harness's server has no automatic
     // persistence, but an explicit SAVE writes the dump it reloads on start.
-    let keys_before = redis_command(redis.port(), &["DBSIZE"]);
-    assert_eq!(redis_command(redis.port(), &["SAVE"]), "+OK\r\n");
+    let keys_before = redis.command(&["DBSIZE"]);
+    assert_eq!(redis.command(&["SAVE"]), "+OK\r\n");
     tokio::task::block_in_place(|| redis.stop());
     let stopped = Instant::now();
     let errors_before = metric(&kg, "keygate_store_errors_total").await;
@@ -912,7 +895,7 @@ async fn redis_down_serves_cached_keys_refuses_uncached_ones_and_recovers() {
     tokio::task::block_in_place(|| redis.restart());
     let restarted = Instant::now();
     assert_eq!(
-        redis_command(redis.port(), &["DBSIZE"]),
+        redis.command(&["DBSIZE"]),
         keys_before,
         "redis did not reload its data"
     );

@@ -19,7 +19,6 @@
 //! refuses every revoked key.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -89,22 +88,6 @@ fn bad_checksum_key() -> String {
     let s = String::from_utf8(b).expect("ASCII token");
     assert_eq!(check_format("kg_", &s), Err(FormatError::BadChecksum));
     s
-}
-
-/// Sends one command to a redis-server (RESP) and returns its raw answer.
-fn redis_command(port: u16, args: &[&str]) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to redis on {port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(cmd.as_bytes()).expect("write to redis");
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).expect("read from redis");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 // --- the mix -------------------------------------------------------------------------
@@ -342,9 +325,8 @@ fn check_upstream(up: &Upstream) -> Vec<String> {
     bad
 }
 
-/// Polls `addr` with `secret` on one keep-alive connection every ~1 ms until
-/// it answers 401 `key_revoked`; returns the time from `since` (the revoke's
-/// answer) and the number of polls. Panics past `4 * limit`.
+/// Polls `addr` with `secret` on one keep-alive connection until it refuses
+/// the key (see [`load::until_refused`]); gives up past `4 * limit`.
 async fn until_refused(
     addr: SocketAddr,
     secret: &str,
@@ -352,22 +334,7 @@ async fn until_refused(
     limit: Duration,
 ) -> (Duration, u32) {
     let mut conn = load::Conn::new(addr, Duration::from_secs(5));
-    let req = with_key(secret);
-    let mut polls = 0;
-    loop {
-        let a = conn.send(&req).await;
-        polls += 1;
-        if a == Answer::Status(401, Some("key_revoked".into())) {
-            return (since.elapsed(), polls);
-        }
-        assert!(a.is_ok(), "while waiting for a revoke to reach {addr}: {a}");
-        assert!(
-            since.elapsed() < limit * 4,
-            "{addr} still admits a key {:?} after its revoke was answered ({polls} polls)",
-            since.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    load::until_refused(&mut conn, &with_key(secret), since, limit * 4).await
 }
 
 /// Revokes `id` through `kg`'s admin API; returns when the answer arrived.
@@ -448,7 +415,7 @@ async fn redis_fault_under_load(fault: Fault) {
         // Keep the data across the restart: the harness's server has no
         // automatic persistence, but SAVE writes the dump it reloads. No
         // admin write happens from here until the restart.
-        assert_eq!(redis_command(redis.port(), &["SAVE"]), "+OK\r\n");
+        assert_eq!(redis.command(&["SAVE"]), "+OK\r\n");
     }
     t.fault_begin = Some(Instant::now());
     match fault {

@@ -586,3 +586,35 @@ fn short(e: &hyper::Error) -> String {
     };
     kind.to_owned()
 }
+
+/// Sends `req` (a request with a key just revoked) on `conn` every ~1 ms
+/// until the answer is 401 `key_revoked`; returns the time from `since` (the
+/// revoke's answer) and the number of polls. Panics on any answer that is not
+/// a success or that refusal, and once `give_up` has passed.
+pub async fn until_refused(
+    conn: &mut Conn,
+    req: &Req,
+    since: Instant,
+    give_up: Duration,
+) -> (Duration, u32) {
+    let mut polls = 0;
+    loop {
+        let a = conn.send(req).await;
+        polls += 1;
+        if a == Answer::Status(401, Some("key_revoked".into())) {
+            return (since.elapsed(), polls);
+        }
+        assert!(
+            a.is_ok(),
+            "while waiting for a revoke to reach {}: {a}",
+            conn.addr
+        );
+        assert!(
+            since.elapsed() < give_up,
+            "{} still admits a key {:?} after its revoke was answered ({polls} polls)",
+            conn.addr,
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -55,6 +55,23 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Sends one command (RESP) on a connection of its own and returns the
+    /// raw answer (`+OK\r\n`, `:42\r\n`, ...).
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port()))
+            .unwrap_or_else(|e| panic!("connect to redis on {}: {e}", self.port()));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(cmd.as_bytes()).expect("write to redis");
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).expect("read from redis");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
