@@ -14,7 +14,7 @@
 #
 # At the end it prints the answers by kind, latency and the memory and fd figures,
 # and fails (exit 1) unless: RSS after the warm-up stays within 10% of its value at
-# the end of the warm-up; the fd count after the warm-up stays within 16 of its value
+# the end of the warm-up; the fd count after the warm-up stays within 32 of its value
 # then; every request got the answer its kind calls for (200, 401 invalid_key,
 # key_revoked or missing_key, 403 insufficient_scope): no failure, drop or other status.
 #

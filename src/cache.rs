@@ -279,10 +279,14 @@ enum Entry {
 impl Entry {
     /// The entry, unless its lifetime ended before `now`.
     fn live(self, now: u64) -> Option<Entry> {
-        let until = match &self {
+        self.is_live(now).then_some(self)
+    }
+
+    fn is_live(&self, now: u64) -> bool {
+        let until = match self {
             Entry::Found { until, .. } | Entry::Missing { until } => *until,
         };
-        (now < until).then_some(self)
+        now < until
     }
 }
 
@@ -765,9 +769,19 @@ impl KeyCache {
         }
     }
 
+    /// Drops every entry whose lifetime has ended. Such an entry already
+    /// counts as absent, but it would hold its slot until evicted: a stream of
+    /// unknown keys (each a negative entry) would fill the map to `max_keys`
+    /// instead of keeping about `negative_ttl` worth of them. Locks one shard
+    /// at a time.
+    pub fn sweep(&self) {
+        let now = self.now_ns();
+        self.cache.retain(|_, e| e.is_live(now));
+    }
+
     /// Background upkeep: applies invalidations as they arrive (for instances
-    /// with no traffic) and refreshes settings every `ttl` in case pub/sub
-    /// messages were lost.
+    /// with no traffic), and every `ttl` refreshes settings in case pub/sub
+    /// messages were lost and sweeps out entries whose lifetime has ended.
     pub fn spawn_maintenance(
         self: Arc<Self>,
         shutdown: CancellationToken,
@@ -784,7 +798,10 @@ impl KeyCache {
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.drain().await,
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
-                    _ = tick.tick() => self.refresh_settings().await,
+                    _ = tick.tick() => {
+                        self.refresh_settings().await;
+                        self.sweep();
+                    }
                 }
             }
         })
@@ -1068,6 +1085,39 @@ mod tests {
             cache.get(&unknown).await,
             Err(StoreError::Unavailable(_))
         ));
+    }
+
+    /// The sweep drops entries past their lifetime (here negative ones for
+    /// unknown keys) and keeps live ones, so a stream of unknown keys does
+    /// not fill the map.
+    #[tokio::test]
+    async fn sweep_drops_ended_entries_and_keeps_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, token, rec) = store_with_one_key(dir.path()).await;
+        let cfg = CacheConfig {
+            max_keys: 1000,
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_millis(1),
+            stale_if_error: Duration::from_secs(0),
+        };
+        let cache = KeyCache::new(store, &cfg);
+        assert!(matches!(
+            cache.get(&token.hash()).await,
+            Ok(Lookup::Found(_))
+        ));
+        for i in 0..100 {
+            let unknown = TokenHash::of(&format!("kg_unknown_{i}"));
+            assert!(matches!(cache.get(&unknown).await, Ok(Lookup::NotFound)));
+        }
+        assert_eq!(cache.entry_count(), 101);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cache.sweep();
+        assert_eq!(cache.entry_count(), 1, "only the live key is left");
+        match cache.get(&token.hash()).await {
+            Ok(Lookup::Found(k)) => assert_eq!(k.id(), &rec.id),
+            other => panic!("expected the cached key, got {other:?}"),
+        }
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1, "still cached");
     }
 
     /// A config reload changes `ttl` for entries already cached: a shorter one
