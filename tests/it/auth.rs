@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 
 use crate::common::client::{self, BoxError, Req, ReqBody, Resp};
 use crate::common::keygate::{Keygate, KeygateBuilder};
+use crate::common::load::ms;
 use crate::common::redis::{RedisCluster, RedisServer};
 use crate::common::upstream::{Echo, Upstream};
 
@@ -126,10 +127,6 @@ fn assert_identity(echo: &Echo, id: &str, name: &str) {
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 // --- helpers this module needs that the shared harness does not have -----------

@@ -536,13 +536,7 @@ async fn redis_fault_under_load(fault: Fault) {
         }
     }
     assert_eq!((a.pid(), b.pid()), (pid_a, pid_b));
-    if !bad.is_empty() {
-        panic!(
-            "{} violations (the first 30):\n{}",
-            bad.len(),
-            bad.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
-        );
-    }
+    load::fail_with(&bad);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -836,13 +830,7 @@ async fn kill_9_during_admin_writes(backend: &str, store: &str) {
         unknown_before <= ADMIN_CLIENTS,
         "at most one operation per client can be in flight"
     );
-    if !bad.is_empty() {
-        panic!(
-            "{} violations (the first 30):\n{}",
-            bad.len(),
-            bad.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
-        );
-    }
+    load::fail_with(&bad);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

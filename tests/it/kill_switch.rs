@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::common::client::{Req, Resp};
 use crate::common::keygate::{Keygate, KeygateBuilder};
+use crate::common::load::ms;
 use crate::common::redis::RedisServer;
 use crate::common::upstream::Upstream;
 
@@ -107,10 +108,6 @@ async fn until(
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,16 +65,6 @@ fn index_of(target: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn fail_with(bad: &[String]) {
-    if !bad.is_empty() {
-        panic!(
-            "{} violations (the first 30):\n{}",
-            bad.len(),
-            bad.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
-        );
-    }
-}
-
 // --- SIGTERM ------------------------------------------------------------------------
 
 /// How long the upstream holds each request, so that some are in flight
@@ -172,7 +162,7 @@ async fn sigterm_under_load(rate: u32, duration: Duration, connections: usize) {
             forwarded.len()
         ));
     }
-    fail_with(&bad);
+    load::fail_with(&bad);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,7 +273,7 @@ async fn reloads_under_load(rate: u32, duration: Duration, reloads: usize) {
         report.planned + probe_hits,
         "every request (and every probe that got 200) reached the upstream"
     );
-    fail_with(&bad);
+    load::fail_with(&bad);
     let text = {
         let resp = crate::common::client::h1(kg.admin, Req::get("/metrics")).await;
         String::from_utf8_lossy(&resp.body).into_owned()
@@ -537,7 +527,7 @@ async fn revocation_under_load(p: Propagation) {
             ms(p.p99_limit)
         ));
     }
-    fail_with(&bad);
+    load::fail_with(&bad);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

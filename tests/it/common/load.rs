@@ -618,3 +618,14 @@ pub async fn until_refused(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// Panics listing the first 30 of `bad` (the violations a run found), if any.
+pub fn fail_with(bad: &[String]) {
+    if !bad.is_empty() {
+        panic!(
+            "{} violations (the first 30):\n{}",
+            bad.len(),
+            bad.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
