@@ -190,7 +190,7 @@ impl CachedKey {
 
     /// `X-Keygate-Scopes`: the scopes separated by spaces.
     pub fn scopes_header(&self) -> HeaderValue {
-        header_value(&self.scopes.header)
+        self.scopes.header.clone()
     }
 
     /// `X-Keygate-Access`.
@@ -228,12 +228,13 @@ fn header_text(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// A list of scopes and its header text, shared by every cached key that
-/// holds the same list (a deployment has a handful of lists for its keys).
+/// A list of scopes and its header value, shared by every cached key that
+/// holds the same list (a deployment has a handful of lists for its keys):
+/// a request clones the value (a reference count) instead of building it.
 #[derive(Debug)]
 struct ScopeSet {
     scopes: Box<[Scope]>,
-    header: Box<str>,
+    header: HeaderValue,
 }
 
 /// The scope lists of the cached keys, each held once.
@@ -261,7 +262,7 @@ impl ScopeSets {
         let names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
         let set = Arc::new(ScopeSet {
             scopes: scopes.into(),
-            header: names.join(" ").into(),
+            header: header_value(&names.join(" ")),
         });
         map.sets.insert(scopes.into(), Arc::downgrade(&set));
         set
