@@ -507,6 +507,11 @@ pub struct KeyCache {
     /// read; 0 when it answered last. While it is down, lookups answer as the
     /// failed read did (stale entry or error) instead of each trying again.
     store_down_until: AtomicU64,
+    /// When (ns since `epoch`) the latest successful store read completed. A
+    /// read that began before it and then failed (a request stuck in a frozen
+    /// server, timing out after the server came back) is old news: it does
+    /// not mark the store down again.
+    last_ok_ns: AtomicU64,
     epoch: Instant,
     pub stats: CacheStats,
 }
@@ -529,6 +534,7 @@ impl KeyCache {
             generation: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
             store_down_until: AtomicU64::new(0),
+            last_ok_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             stats: CacheStats::default(),
         }
@@ -634,8 +640,9 @@ impl KeyCache {
             };
         }
         self.count_read();
+        let started = self.now_ns();
         let read = self.store.get_by_hash(hash).await;
-        self.set_store_down(read.is_err());
+        self.read_done(started, read.is_ok());
         match read {
             Ok(Some(rec)) => {
                 let key = Arc::new(self.cached_key(rec, hash));
@@ -676,6 +683,16 @@ impl KeyCache {
 
     fn store_down(&self) -> bool {
         self.now_ms() < self.store_down_until.load(Ordering::Acquire)
+    }
+
+    /// Records how a store read that began at `started` (ns) ended.
+    fn read_done(&self, started: u64, ok: bool) {
+        if ok {
+            self.last_ok_ns.fetch_max(self.now_ns(), Ordering::AcqRel);
+            self.set_store_down(false);
+        } else if self.last_ok_ns.load(Ordering::Acquire) <= started {
+            self.set_store_down(true);
+        }
     }
 
     fn set_store_down(&self, down: bool) {
@@ -946,7 +963,7 @@ mod tests {
     /// An embedded store whose `get_by_hash` can be made to hang or fail.
     struct Switched {
         inner: SharedStore,
-        /// 0: answers; 1: never answers; 2: fails.
+        /// 0: answers; 1: never answers; 2: fails; 3: fails after 100 ms.
         mode: std::sync::atomic::AtomicU8,
     }
 
@@ -968,7 +985,11 @@ mod tests {
                 match self.mode.load(std::sync::atomic::Ordering::SeqCst) {
                     0 => self.inner.get_by_hash(h).await,
                     1 => std::future::pending().await,
-                    _ => Err(StoreError::Unavailable("switched off".into())),
+                    2 => Err(StoreError::Unavailable("switched off".into())),
+                    _ => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        Err(StoreError::Unavailable("timed out".into()))
+                    }
                 }
             }
             async fn get_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -1086,6 +1107,49 @@ mod tests {
             cache.get(&unknown).await,
             Err(StoreError::Unavailable(_))
         ));
+    }
+
+    /// A read that began before the store came back and failed after a
+    /// later read succeeded (a command stuck in a frozen server, timing out
+    /// once it was thawed) does not mark the store down: the next lookups
+    /// still ask it instead of answering 503 for the outage backoff.
+    #[tokio::test]
+    async fn a_late_failure_of_an_older_read_does_not_mark_the_store_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inner, token, _) = store_with_one_key(dir.path()).await;
+        let store = Arc::new(Switched {
+            inner,
+            mode: 3.into(),
+        });
+        let cfg = CacheConfig {
+            max_keys: 10,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(0),
+        };
+        let cache = KeyCache::new(store.clone(), &cfg);
+        let stuck = TokenHash::of("kg_stuck");
+        let (old, fresh) = tokio::join!(cache.get(&stuck), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            store.mode.store(0, Ordering::SeqCst);
+            cache.get(&token.hash()).await
+        });
+        assert!(matches!(fresh, Ok(Lookup::Found(_))), "{fresh:?}");
+        assert!(matches!(old, Err(StoreError::Unavailable(_))), "{old:?}");
+        let unknown = TokenHash::of("kg_unknown");
+        assert!(
+            matches!(cache.get(&unknown).await, Ok(Lookup::NotFound)),
+            "the store is asked again"
+        );
+
+        // A failure of a read that began after the last success does count.
+        store.mode.store(2, Ordering::SeqCst);
+        assert!(cache.get(&TokenHash::of("kg_a")).await.is_err());
+        store.mode.store(0, Ordering::SeqCst);
+        match cache.get(&TokenHash::of("kg_b")).await {
+            Err(StoreError::Unavailable(why)) => assert!(why.contains("moments ago"), "{why}"),
+            other => panic!("expected the outage backoff, got {other:?}"),
+        }
     }
 
     /// The sweep drops entries past their lifetime (here negative ones for
