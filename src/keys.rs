@@ -165,6 +165,53 @@ impl<'de> Deserialize<'de> for TokenHash {
     }
 }
 
+/// ULIDs that increase within a millisecond: ids made one after the other
+/// (keys, events) list in the order they were made, not in the order of
+/// their random parts.
+pub struct UlidSeq(std::sync::Mutex<ulid::Ulid>);
+
+/// Key ids.
+static KEY_IDS: UlidSeq = UlidSeq::new();
+/// Event ids (see [`crate::store::Event::new`]).
+pub static EVENT_IDS: UlidSeq = UlidSeq::new();
+
+impl UlidSeq {
+    pub const fn new() -> UlidSeq {
+        UlidSeq(std::sync::Mutex::new(ulid::Ulid::nil()))
+    }
+
+    /// A ULID of `at`'s millisecond (now if `None`, read under the lock),
+    /// greater than the last one made if that was of the same millisecond.
+    /// For an earlier millisecond than the last (a time read before another
+    /// caller's, or a clock set back) it is a fresh random ULID of that
+    /// millisecond, and the sequence goes on from the later one.
+    pub fn at(&self, at: Option<std::time::SystemTime>) -> ulid::Ulid {
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = ulid::Ulid::from_datetime(at.unwrap_or_else(std::time::SystemTime::now));
+        let id = next_ulid(*last, fresh);
+        *last = id.max(*last);
+        id
+    }
+}
+
+impl Default for UlidSeq {
+    fn default() -> UlidSeq {
+        UlidSeq::new()
+    }
+}
+
+/// `last` plus one if `fresh` is of the same millisecond, else `fresh`.
+fn next_ulid(last: ulid::Ulid, fresh: ulid::Ulid) -> ulid::Ulid {
+    match fresh.timestamp_ms() == last.timestamp_ms() {
+        // 2^80 ids in one millisecond before this runs out.
+        true => last.increment().unwrap_or(fresh),
+        false => fresh,
+    }
+}
+
 /// A key's public identifier: `key_` followed by a ULID.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -172,7 +219,7 @@ pub struct KeyId(Arc<str>);
 
 impl KeyId {
     pub fn generate() -> KeyId {
-        KeyId(format!("key_{}", ulid::Ulid::new()).into())
+        KeyId(format!("key_{}", KEY_IDS.at(None)).into())
     }
 
     /// Parses a key id as found in a URL; `None` if it is not `key_<ULID>`.
@@ -555,6 +602,37 @@ impl Clock for ManualClock {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ulids_of_one_millisecond_increase() {
+        let at = std::time::SystemTime::now();
+        let mut ids = vec![ulid::Ulid::from_datetime(at)];
+        for _ in 0..1000 {
+            let fresh = ulid::Ulid::from_datetime(at);
+            ids.push(super::next_ulid(*ids.last().unwrap(), fresh));
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            ids.iter()
+                .all(|u| u.timestamp_ms() == ids[0].timestamp_ms())
+        );
+        // Another millisecond, later or earlier: a fresh id of that one.
+        for ms in [60_000i64, -60_000] {
+            let other = ulid::Ulid::from_parts((ids[0].timestamp_ms() as i64 + ms) as u64, 7);
+            assert_eq!(super::next_ulid(ids[1000], other), other);
+        }
+        // At the top of one millisecond's range: a fresh random id.
+        let top = ulid::Ulid::from_parts(ids[0].timestamp_ms(), (1 << 80) - 1);
+        assert_eq!(super::next_ulid(top, ids[0]), ids[0]);
+
+        // A sequence goes on from its latest millisecond.
+        let seq = super::UlidSeq::new();
+        let a = seq.at(Some(at));
+        let early = seq.at(Some(at - std::time::Duration::from_secs(1)));
+        assert_eq!(early.timestamp_ms() + 1000, a.timestamp_ms());
+        let b = seq.at(Some(at));
+        assert_eq!(a.increment(), Some(b));
+    }
+
     use super::*;
     use chrono::Duration;
 

@@ -132,7 +132,7 @@ impl Event {
         at: DateTime<Utc>,
         details: serde_json::Value,
     ) -> Event {
-        let ulid = ulid::Ulid::from_datetime(at.into());
+        let ulid = crate::keys::EVENT_IDS.at(Some(at.into()));
         Event {
             id: format!("evt_{ulid}"),
             at,
