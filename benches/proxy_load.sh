@@ -24,7 +24,8 @@
 # runtime on SO_REUSEPORT; default: one per CPU), KEYGATE_BIN (use this binary
 # instead of building), SCENARIO_FILTER (space-separated scenario names).
 # Scenarios: direct, nginx, keygate_open, keygate_key (defaults: access log
-# and metrics on), quiet_open, quiet_key (both off), redis_key (Redis store and
+# and metrics on), quiet_open, quiet_key (both off), hyper_open, hyper_key
+# (defaults, keygate's own HTTP/1 path off), redis_key (Redis store and
 # Redis rate limit; needs redis-server), nginx_1k, keygate_1k, nginx_64k,
 # keygate_64k, h2_nginx, h2_keygate, ol_direct, ol_nginx, ol_keygate_open,
 # ol_keygate_key.
@@ -140,10 +141,11 @@ if command -v redis-server >/dev/null 2>&1; then
   PIDS+=("$(sleep 0.3; cat "$WORK/redis.pid")")
 fi
 
-# start_keygate NAME STORE_YAML EXTRA_YAML: a keygate in front of the upstream
-# with an open route and a keyed one; sets KG_URL_<NAME> and KEY_<NAME>.
+# start_keygate NAME STORE_YAML EXTRA_YAML [VAR=VALUE]: a keygate in front of
+# the upstream with an open route and a keyed one, with VAR=VALUE in its
+# environment; sets KG_URL_<NAME> and KEY_<NAME>.
 start_keygate() {
-  local name=$1 store=$2 extra=$3
+  local name=$1 store=$2 extra=$3 envvar=${4:-KEYGATE_BENCH=1}
   local port admin
   port=$(free_port); admin=$(free_port)
   cat > "$WORK/$name.yaml" <<YAML
@@ -167,7 +169,7 @@ routes:
     upstream: http://127.0.0.1:$UP_PORT
     scopes: [bench]
 YAML
-  KEYGATE_LOG=warn "$KEYGATE" serve --config "$WORK/$name.yaml" > "$WORK/$name.out" 2> "$WORK/$name.err" &
+  env KEYGATE_LOG=warn "$envvar" "$KEYGATE" serve --config "$WORK/$name.yaml" > "$WORK/$name.out" 2> "$WORK/$name.err" &
   PIDS+=($!)
   printf -v "PID_$name" '%s' "$!"
   for _ in $(seq 100); do
@@ -195,6 +197,9 @@ start_keygate quiet "${EMBEDDED/PLACEHOLDER/quiet}" "logging:
   access_log: false
 metrics:
   enabled: false"
+# The defaults with every HTTP/1 request served by hyper (keygate's own
+# HTTP/1 path switched off), to show what that path gains.
+start_keygate hyper "${EMBEDDED/PLACEHOLDER/hyper}" "" KEYGATE_H1_FAST_PATH=0
 if [ -n "$REDIS_PORT" ]; then
   start_keygate redis "  backend: redis
   redis:
@@ -211,6 +216,8 @@ add nginx "http://127.0.0.1:$NGX_PORT/open/x" "" wrk
 add keygate_open "$KG_URL_kg/open/x" "" wrk
 add keygate_key "$KG_URL_kg/keyed/x" "$KEYHDR" wrk
 add quiet_open "$KG_URL_quiet/open/x" "" wrk
+add hyper_open "$KG_URL_hyper/open/x" "" wrk
+add hyper_key "$KG_URL_hyper/keyed/x" "Authorization: Bearer $KEY_hyper" wrk
 add quiet_key "$KG_URL_quiet/keyed/x" "Authorization: Bearer $KEY_quiet" wrk
 [ -n "$REDIS_PORT" ] && add redis_key "$KG_URL_redis/keyed/x" "Authorization: Bearer $KEY_redis" wrk
 add nginx_1k "http://127.0.0.1:$NGX_PORT/open/b1k" "" wrk
@@ -225,7 +232,7 @@ if [ -n "$OHA" ]; then
   add ol_keygate_open "${URL[keygate_open]}" "" oha
   add ol_keygate_key "${URL[keygate_key]}" "$KEYHDR" oha
 fi
-ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key redis_key nginx_1k keygate_1k
+ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key hyper_open hyper_key redis_key nginx_1k keygate_1k
   nginx_64k keygate_64k h2_nginx h2_keygate ol_direct ol_nginx ol_keygate_open ol_keygate_key)
 # The process whose CPU each scenario charges (the proxy under test; for
 # direct, the upstream's worker): utime + stime from /proc, per 100k requests.
@@ -237,6 +244,7 @@ for s in "${ALL[@]}"; do
     *direct) CPUPID[$s]=$UP_WORKER ;;
     *nginx*) CPUPID[$s]=$PX_WORKER ;;
     quiet_*) CPUPID[$s]=$PID_quiet ;;
+    hyper_*) CPUPID[$s]=$PID_hyper ;;
     redis_*) CPUPID[$s]=${PID_redis:-} ;;
     *) CPUPID[$s]=$PID_kg ;;
   esac
@@ -362,6 +370,8 @@ names = {
     'keygate_key': 'keygate, key check + local rate limit, cache hit',
     'quiet_open': 'keygate, auth: none, access log and metrics off',
     'quiet_key': 'keygate, key check + local rate limit, access log and metrics off',
+    'hyper_open': 'keygate, auth: none, every request through hyper (KEYGATE_H1_FAST_PATH=0)',
+    'hyper_key': 'keygate, key check + local rate limit, through hyper',
     'redis_key': 'keygate, key check + rate limit, Redis store and Redis rate limit',
     'nginx_1k': 'nginx reverse proxy, 1 KiB answer',
     'keygate_1k': 'keygate, key check + local rate limit, 1 KiB answer',

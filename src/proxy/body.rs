@@ -47,15 +47,52 @@ impl BodyFault {
     }
 }
 
+/// The client's request body: hyper's, or none (a request read by keygate's
+/// own HTTP/1 path, which takes only requests without a body; see
+/// [`super::h1`]).
+pub enum ClientBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's body, counted against `limit`.
 pub struct LimitedBody {
-    inner: Incoming,
+    inner: ClientBody,
     remaining: u64,
     fault: Arc<BodyFault>,
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<BodyFault>) {
+    pub fn new(inner: ClientBody, limit: u64) -> (LimitedBody, Arc<BodyFault>) {
         let fault = Arc::new(BodyFault::default());
         (
             LimitedBody {

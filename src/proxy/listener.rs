@@ -21,18 +21,19 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::body::ProxyBody;
+use super::body::{ClientBody, ProxyBody};
 use super::framing::{FramingGuard, Verdicts};
-use super::{ConnInfo, Gateway};
+use super::{ConnInfo, Gateway, h1};
 use crate::config::{LimitsConfig, TlsConfig};
 
 /// Loads the certificate chain and key and builds a TLS acceptor offering h2
@@ -98,6 +99,12 @@ pub async fn serve(
 ) {
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
+    let fast = h1::Limits {
+        header_read_timeout: limits.header_read_timeout,
+        max_headers: limits.max_headers,
+        max_head_bytes: limits.max_header_bytes,
+    };
+    let fast = fast.enabled().then_some(fast);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -132,45 +139,30 @@ pub async fn serve(
             https: tls.is_some(),
             verdicts: verdicts.clone(),
         });
-        let max_head = limits.max_header_bytes;
-        let watcher = graceful.watcher();
-        let gateway = gateway.clone();
-        let builder = builder.clone();
+        let task = Connection {
+            gateway: gateway.clone(),
+            conn,
+            verdicts,
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            fast,
+            max_head: limits.max_header_bytes,
+            head_timeout: limits.header_read_timeout,
+            max_fields: limits.max_headers,
+            shutdown: shutdown.clone(),
+        };
         let tls = tls.clone();
         let handshake_timeout = limits.tls_handshake_timeout;
-        let (head_timeout, max_fields) = (limits.header_read_timeout, limits.max_headers);
         tokio::spawn(async move {
             let _permit = permit;
-            let started = Arc::new(AtomicBool::new(false));
-            let seen = started.clone();
-            let service = service_fn(move |req: http::Request<Incoming>| {
-                seen.store(true, Ordering::Relaxed);
-                let gateway = gateway.clone();
-                let conn = conn.clone();
-                async move {
-                    // HTTP/1 heads are counted by hyper; h2 caps only bytes.
-                    if req.headers().len() > max_fields {
-                        return Ok(too_many_fields());
-                    }
-                    Ok::<_, Infallible>(gateway.handle(req, &conn).await)
-                }
-            });
             match tls {
-                None => {
-                    let stream = FramingGuard::new(stream, max_head, verdicts);
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    let conn = watcher.watch(conn.into_owned());
-                    finish(until_first_request(conn, &started, head_timeout).await);
-                }
+                None => task.run(stream).await,
                 Some(acceptor) => {
                     let Some(tls_stream) = handshake(&acceptor, stream, handshake_timeout).await
                     else {
                         return;
                     };
-                    let tls_stream = FramingGuard::new(tls_stream, max_head, verdicts);
-                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
-                    let conn = watcher.watch(conn.into_owned());
-                    finish(until_first_request(conn, &started, head_timeout).await);
+                    task.run(tls_stream).await;
                 }
             }
         });
@@ -182,6 +174,77 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(grace = ?grace, "connections still open after the shutdown grace; closing them");
+    }
+}
+
+/// One accepted connection and what serving it takes.
+struct Connection {
+    gateway: Arc<Gateway>,
+    conn: Arc<ConnInfo>,
+    verdicts: Verdicts,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Held until the connection ends, so the shutdown grace waits for it.
+    watcher: Watcher,
+    /// keygate's own HTTP/1 path ([`h1`]), unless it is switched off.
+    fast: Option<h1::Limits>,
+    max_head: usize,
+    head_timeout: Duration,
+    max_fields: usize,
+    shutdown: CancellationToken,
+}
+
+/// A stream a connection is served on.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether TLS chose HTTP/2 by ALPN.
+    fn alpn_h2(&self) -> bool {
+        false
+    }
+}
+
+impl Io for TcpStream {}
+
+impl Io for tokio_rustls::server::TlsStream<TcpStream> {
+    fn alpn_h2(&self) -> bool {
+        self.get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+}
+
+impl Connection {
+    /// Serves plain HTTP/1.1 requests on keygate's own path, then (or,
+    /// for HTTP/2 by ALPN, at once) everything else with hyper.
+    async fn run<S: Io>(self, io: S) {
+        match self.fast {
+            Some(limits) if !io.alpn_h2() => {
+                let ended = h1::serve(io, &self.gateway, &self.conn, limits, &self.shutdown).await;
+                if let h1::Ended::HandOver(io) = ended {
+                    self.hyper(io).await;
+                }
+            }
+            _ => self.hyper(io).await,
+        }
+    }
+
+    async fn hyper<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, io: S) {
+        let started = Arc::new(AtomicBool::new(false));
+        let seen = started.clone();
+        let (gateway, conn, max_fields) = (self.gateway, self.conn, self.max_fields);
+        let service = service_fn(move |req: http::Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
+            let gateway = gateway.clone();
+            let conn = conn.clone();
+            async move {
+                // HTTP/1 heads are counted by hyper; h2 caps only bytes.
+                if req.headers().len() > max_fields {
+                    return Ok(too_many_fields());
+                }
+                let req = req.map(ClientBody::Hyper);
+                Ok::<_, Infallible>(gateway.handle(req, &conn).await)
+            }
+        });
+        let io = FramingGuard::new(io, self.max_head, self.verdicts);
+        let served = self.builder.serve_connection(TokioIo::new(io), service);
+        let served = self.watcher.watch(served.into_owned());
+        finish(until_first_request(served, &started, self.head_timeout).await);
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod body;
 pub mod forward;
 pub mod framing;
+pub mod h1;
 pub mod headers;
 pub mod listener;
 pub mod route;
@@ -21,7 +22,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{Config, RouteAuth};
@@ -29,7 +29,7 @@ use crate::error::GatewayError;
 use crate::lifecycle::usage::{Outcome, UsageRecorder};
 use crate::ratelimit::{self, RateHeaders, RateLimits};
 use crate::telemetry::request::{Done, Exchange, RequestTelemetry};
-use body::{LimitedBody, ProxyBody};
+use body::{ClientBody, LimitedBody, ProxyBody};
 use headers::X_REQUEST_ID;
 use route::{Route, RouteTable};
 
@@ -137,7 +137,7 @@ impl Gateway {
     }
 
     /// Handles one request; never fails (errors become problem+json answers).
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<ClientBody>, conn: &ConnInfo) -> Response<ProxyBody> {
         let compiled = self.shared.compiled.load_full();
         let started = compiled.telemetry.start(&req);
         let request_id = self.shared.ids.for_request(req.headers());
@@ -178,7 +178,7 @@ impl Gateway {
     async fn proxy<'c>(
         &self,
         compiled: &'c Compiled,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
         rate: &mut Option<RateHeaders>,
@@ -231,7 +231,7 @@ impl Gateway {
         &self,
         config: &Config,
         route: &Route,
-        req: &Request<Incoming>,
+        req: &Request<ClientBody>,
         conn: &ConnInfo,
     ) -> Result<Option<Principal>, GatewayError> {
         if route.config.auth == RouteAuth::None {
@@ -276,9 +276,12 @@ impl Gateway {
 
 /// Accept stage: a request whose head had both Content-Length and
 /// Transfer-Encoding is refused (see [`framing`]); hyper closes the connection.
-fn check_framing(req: &Request<Incoming>, conn: &ConnInfo) -> Result<(), GatewayError> {
+/// keygate's own HTTP/1 path ([`h1`]) takes neither header, and its requests
+/// have no verdict.
+fn check_framing(req: &Request<ClientBody>, conn: &ConnInfo) -> Result<(), GatewayError> {
     let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
-    if http1 && conn.verdicts.next_conflicted() {
+    let from_hyper = matches!(req.body(), ClientBody::Hyper(_));
+    if http1 && from_hyper && conn.verdicts.next_conflicted() {
         return Err(GatewayError::BadRequest(
             "Content-Length together with Transfer-Encoding",
         ));
@@ -289,7 +292,7 @@ fn check_framing(req: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Gateway
 /// Route stage: normalizes the path and finds the route for host + path.
 fn find_route<'a>(
     compiled: &'a Compiled,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
 ) -> Result<(&'a Route, Option<String>), GatewayError> {
     if uri_len(req.uri()) > compiled.config.limits.max_uri_bytes {
         return Err(GatewayError::UriTooLong);
@@ -312,7 +315,7 @@ fn uri_len(uri: &Uri) -> usize {
 
 /// The host the client addressed, without port: the URI's authority (HTTP/2,
 /// absolute-form) or else the `Host` header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
+fn request_host(req: &Request<ClientBody>) -> Option<&str> {
     match req.uri().authority() {
         Some(a) => Some(a.host()),
         None => {
@@ -328,7 +331,7 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
 
 /// RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one `Host`; no
 /// request may carry two (they could route differently here and upstream).
-fn check_host_header(req: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_host_header(req: &Request<ClientBody>) -> Result<(), GatewayError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -343,7 +346,7 @@ fn check_host_header(req: &Request<Incoming>) -> Result<(), GatewayError> {
 }
 
 /// Refuses a declared body over the route's limit before anything is forwarded.
-fn check_declared_length(req: &Request<Incoming>, route: &Route) -> Result<(), GatewayError> {
+fn check_declared_length(req: &Request<ClientBody>, route: &Route) -> Result<(), GatewayError> {
     let limit = route.config.max_body;
     if req.body().size_hint().lower() > limit {
         return Err(GatewayError::PayloadTooLarge { limit });
@@ -362,7 +365,7 @@ struct RewriteContext<'a> {
 
 /// Rewrite stage: the upstream request (see [`headers`] for the order).
 fn rewrite_request(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     route: &Route,
     ctx: RewriteContext<'_>,
 ) -> Result<(Request<LimitedBody>, Arc<body::BodyFault>), GatewayError> {

@@ -691,6 +691,75 @@ async fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
     );
 }
 
+/// keygate reads plain HTTP/1.1 requests itself and hands the connection to
+/// hyper at the first one that is not plain (here a body): pipelined
+/// requests on either side of the hand-over are all answered, in order, with
+/// the right bodies, and the connection closes after the one that asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_plain_and_body_requests_are_answered_in_order() {
+    let up = Upstream::named("pipe").await;
+    let kg = Keygate::builder()
+        .route(&public_route("public", "/public/", &up, ""))
+        .start()
+        .await;
+    let requests = concat!(
+        "GET /public/one HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+        "GET /public/chunked/2500 HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+        "POST /public/three HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /public/four HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n",
+        "GET /public/never HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+    );
+    let reply = client::raw_to_close(kg.proxy, requests.as_bytes(), WAIT).await;
+    let responses = reply.responses();
+    assert_eq!(responses.len(), 4, "{reply}");
+    assert_eq!(reply.ended, "closed", "{reply}");
+    for r in &responses {
+        r.assert_status(200);
+        assert!(r.headers.contains_key("date"), "{r}");
+    }
+    assert_eq!(responses[0].echo().path(), "/public/one");
+    assert_eq!(responses[1].body.len(), 2500, "{}", responses[1]);
+    assert_eq!(responses[1].headers["transfer-encoding"], "chunked");
+    assert_eq!(responses[2].echo().path(), "/public/three");
+    assert_eq!(responses[2].echo().body_bytes(), 5);
+    assert_eq!(responses[3].echo().path(), "/public/four");
+    assert_eq!(responses[3].headers["connection"], "close");
+    let seen: Vec<_> = up.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(
+        seen,
+        ["/public/one", "/public/three", "/public/four"],
+        "what reached the upstream, in order"
+    );
+}
+
+/// An idle keep-alive connection is closed once `header_read_timeout` passes
+/// without a new request, as hyper does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::named("idle").await;
+    let kg = Keygate::builder()
+        .route(&public_route("public", "/public/", &up, ""))
+        .section("limits:\n  header_read_timeout: 500ms")
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    s.write_all(b"GET /public/a HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "still open after {WAIT:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}
+
 // --- HTTP/2 and TLS ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

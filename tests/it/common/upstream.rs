@@ -12,6 +12,7 @@
 //! | `/slow/<ms>` | echoes after `<ms>` milliseconds |
 //! | `/reset` | resets the TCP connection (RST) without answering |
 //! | `/download/<bytes>` | streams `<bytes>` bytes in 64 KiB chunks (Content-Length set) |
+//! | `/chunked/<bytes>` | the same in 1000-byte chunks without a length (sent chunked) |
 //! | `/hop` | echoes, with hop-by-hop headers on the response |
 //!
 //! It counts requests as they arrive ([`Upstream::hits`]) and records each
@@ -225,8 +226,12 @@ async fn handle_request(
             tokio::time::sleep(Duration::from_millis(ms)).await;
             return Ok(echo(req, &state, false).await);
         }
-        (Some("download"), Some(n)) => {
-            let mut resp = Response::new(RepeatBody::new(64 * 1024, n, true).boxed());
+        (Some(how @ ("download" | "chunked")), Some(n)) => {
+            let body = match how {
+                "download" => RepeatBody::new(64 * 1024, n, true),
+                _ => RepeatBody::new(1000, n, false),
+            };
+            let mut resp = Response::new(body.boxed());
             resp.headers_mut().insert(
                 "content-type",
                 http::HeaderValue::from_static("application/octet-stream"),
