@@ -414,7 +414,22 @@ impl Writer<'_> {
         if self.json {
             self.out.push('"');
         }
-        let _ = write!(self.out, "{ip}");
+        match ip {
+            // By hand: `Display` for an address costs ~1k instructions, a
+            // few percent of a whole request.
+            std::net::IpAddr::V4(v4) => {
+                let mut digits = itoa::Buffer::new();
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.out.push('.');
+                    }
+                    self.out.push_str(digits.format(octet));
+                }
+            }
+            std::net::IpAddr::V6(v6) => {
+                let _ = write!(self.out, "{v6}");
+            }
+        }
         if self.json {
             self.out.push('"');
         }
@@ -476,6 +491,33 @@ fn escape_into(out: &mut String, s: &str) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn client_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.12.3",
+            "::1",
+            "2001:db8::7",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            for json in [false, true] {
+                let mut out = String::new();
+                Writer {
+                    out: &mut out,
+                    json,
+                }
+                .ip("client", ip);
+                let want = match json {
+                    true => format!(",\"client\":\"{ip}\""),
+                    false => format!(" client={ip}"),
+                };
+                assert_eq!(out, want);
+            }
+        }
+    }
     use super::*;
 
     fn line() -> Line<'static> {
