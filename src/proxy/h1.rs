@@ -407,12 +407,12 @@ fn encode_head(
     match framing {
         Framing::Length(len) => field(out, b"content-length", n.format(len).as_bytes()),
         Framing::Chunked => field(out, b"transfer-encoding", b"chunked"),
-        // A HEAD answer of keygate's own states its body's length.
-        Framing::None if is_head && declared.is_none() && exact.is_some_and(|len| len > 0) => {
-            let len = exact.unwrap_or_default();
-            field(out, b"content-length", n.format(len).as_bytes());
+        Framing::None => {
+            // A HEAD answer of keygate's own states its body's length.
+            if let (true, None, Some(len @ 1..)) = (is_head, declared, exact) {
+                field(out, b"content-length", n.format(len).as_bytes());
+            }
         }
-        Framing::None => {}
     }
     out.extend_from_slice(b"\r\n");
     framing

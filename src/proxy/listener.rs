@@ -99,12 +99,12 @@ pub async fn serve(
 ) {
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
-    let fast = h1::Limits {
+    let head_limits = h1::Limits {
         header_read_timeout: limits.header_read_timeout,
         max_headers: limits.max_headers,
         max_head_bytes: limits.max_header_bytes,
     };
-    let fast = fast.enabled().then_some(fast);
+    let fast = head_limits.enabled();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -132,23 +132,19 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let verdicts = Verdicts::default();
         let conn = Arc::new(ConnInfo {
             peer,
             peer_ip: super::headers::ip_header(peer.ip()),
             https: tls.is_some(),
-            verdicts: verdicts.clone(),
+            verdicts: Verdicts::default(),
         });
         let task = Connection {
             gateway: gateway.clone(),
             conn,
-            verdicts,
             builder: builder.clone(),
             watcher: graceful.watcher(),
+            limits: head_limits,
             fast,
-            max_head: limits.max_header_bytes,
-            head_timeout: limits.header_read_timeout,
-            max_fields: limits.max_headers,
             shutdown: shutdown.clone(),
         };
         let tls = tls.clone();
@@ -181,15 +177,13 @@ pub async fn serve(
 struct Connection {
     gateway: Arc<Gateway>,
     conn: Arc<ConnInfo>,
-    verdicts: Verdicts,
     builder: Arc<auto::Builder<TokioExecutor>>,
     /// Held until the connection ends, so the shutdown grace waits for it.
     watcher: Watcher,
-    /// keygate's own HTTP/1 path ([`h1`]), unless it is switched off.
-    fast: Option<h1::Limits>,
-    max_head: usize,
-    head_timeout: Duration,
-    max_fields: usize,
+    /// Header timeout, field count and head size (hyper has the same).
+    limits: h1::Limits,
+    /// Whether keygate's own HTTP/1 path ([`h1`]) serves plain requests.
+    fast: bool,
     shutdown: CancellationToken,
 }
 
@@ -213,21 +207,21 @@ impl Connection {
     /// Serves plain HTTP/1.1 requests on keygate's own path, then (or,
     /// for HTTP/2 by ALPN, at once) everything else with hyper.
     async fn run<S: Io>(self, io: S) {
-        match self.fast {
-            Some(limits) if !io.alpn_h2() => {
-                let ended = h1::serve(io, &self.gateway, &self.conn, limits, &self.shutdown).await;
-                if let h1::Ended::HandOver(io) = ended {
-                    self.hyper(io).await;
-                }
-            }
-            _ => self.hyper(io).await,
+        if !self.fast || io.alpn_h2() {
+            return self.hyper(io).await;
+        }
+        let ended = h1::serve(io, &self.gateway, &self.conn, self.limits, &self.shutdown).await;
+        if let h1::Ended::HandOver(io) = ended {
+            self.hyper(io).await;
         }
     }
 
     async fn hyper<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, io: S) {
         let started = Arc::new(AtomicBool::new(false));
         let seen = started.clone();
-        let (gateway, conn, max_fields) = (self.gateway, self.conn, self.max_fields);
+        let limits = self.limits;
+        let verdicts = self.conn.verdicts.clone();
+        let (gateway, conn, max_fields) = (self.gateway, self.conn, limits.max_headers);
         let service = service_fn(move |req: http::Request<Incoming>| {
             seen.store(true, Ordering::Relaxed);
             let gateway = gateway.clone();
@@ -241,10 +235,10 @@ impl Connection {
                 Ok::<_, Infallible>(gateway.handle(req, &conn).await)
             }
         });
-        let io = FramingGuard::new(io, self.max_head, self.verdicts);
+        let io = FramingGuard::new(io, limits.max_head_bytes, verdicts);
         let served = self.builder.serve_connection(TokioIo::new(io), service);
         let served = self.watcher.watch(served.into_owned());
-        finish(until_first_request(served, &started, self.head_timeout).await);
+        finish(until_first_request(served, &started, limits.header_read_timeout).await);
     }
 }
 
