@@ -16,6 +16,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use hyper::client::conn::http1::SendRequest;
+
+use super::client;
 use super::forward::Lease;
 use crate::error::GatewayError;
 
@@ -92,6 +95,12 @@ pub struct LimitedBody {
 }
 
 impl LimitedBody {
+    /// Whether this is a request read by keygate's own HTTP/1 path, which
+    /// has no body.
+    pub fn is_from_own_path(&self) -> bool {
+        matches!(self.inner, ClientBody::Empty)
+    }
+
     pub fn new(inner: ClientBody, limit: u64) -> (LimitedBody, Arc<BodyFault>) {
         let fault = Arc::new(BodyFault::default());
         (
@@ -143,19 +152,60 @@ impl Body for LimitedBody {
     }
 }
 
-/// The upstream's response body. When it has been read to the end, its
-/// connection goes back to the pool (see [`super::forward`]); dropped before
-/// the end, the connection is closed with it.
-pub struct UpstreamBody {
-    inner: Incoming,
-    lease: Option<Lease>,
+/// The error a streamed response body ends with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream's response body: from keygate's own client connection
+/// (requests without a body to plain-HTTP upstreams) or from hyper's.
+pub enum UpstreamBody {
+    Own(client::ResponseBody),
+    Hyper(HyperBody),
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, lease: Option<Lease>) -> UpstreamBody {
-        UpstreamBody { inner, lease }
+    pub fn hyper(inner: Incoming, lease: Option<Lease<SendRequest<LimitedBody>>>) -> UpstreamBody {
+        UpstreamBody::Hyper(HyperBody { inner, lease })
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
     }
 
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Own(b) => b.is_end_stream(),
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Own(b) => b.size_hint(),
+            UpstreamBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A response body from hyper's client. When it has been read to the end,
+/// its connection goes back to the pool (see [`super::forward`]); dropped
+/// before the end, the connection is closed with it.
+pub struct HyperBody {
+    inner: Incoming,
+    lease: Option<Lease<SendRequest<LimitedBody>>>,
+}
+
+impl HyperBody {
     fn release_if_done(&mut self) {
         if self.inner.is_end_stream()
             && let Some(lease) = self.lease.take()
@@ -165,7 +215,7 @@ impl UpstreamBody {
     }
 }
 
-impl Body for UpstreamBody {
+impl Body for HyperBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -196,7 +246,7 @@ impl Body for UpstreamBody {
     }
 }
 
-impl Drop for UpstreamBody {
+impl Drop for HyperBody {
     fn drop(&mut self) {
         // Bodiless answers (204, 304, HEAD) are never polled.
         self.release_if_done();
@@ -221,12 +271,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),

@@ -1,16 +1,19 @@
 //! The forwarding stage and the upstream connections.
 //!
 //! Plain-HTTP upstreams (the common case: a sidecar or a service on the same
-//! network) go through [`Pool`]: hyper's HTTP/1.1 client connections, kept
-//! per runtime in a small LIFO list per upstream, checked out without hashing
-//! or allocation and handed back when the response body has been streamed to
-//! the end. HTTPS upstreams go through hyper-util's pooled client (rustls with
-//! the webpki roots, h2 by ALPN).
+//! network) go through a [`Pool`] of HTTP/1.1 connections, kept per runtime
+//! in a small LIFO list per upstream, checked out without hashing or
+//! allocation and handed back when the response body has been streamed to
+//! the end. Requests without a body, as keygate's own HTTP/1 path reads them,
+//! use keygate's own client connections ([`super::client`]); requests with a
+//! body use hyper's. HTTPS upstreams go through hyper-util's pooled client
+//! (rustls with the webpki roots, h2 by ALPN).
 //!
 //! A pooled connection the upstream closed while it sat idle is noticed on
-//! checkout (`is_closed`) or, in the race where it closes just then, by hyper
-//! handing the request back unsent: it is then sent once on a new connection.
-//! A request that may have reached the upstream is never sent twice.
+//! checkout or, in the race where it closes just then, when the request's
+//! first write fails (or hyper hands the request back unsent): it is then
+//! sent once on a new connection. A request that may have reached the
+//! upstream is never sent twice.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,32 +25,37 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use super::body::{LimitedBody, UpstreamBody};
+use super::client::{self, Conn};
 use super::route::{Route, RouteTable};
 use crate::config::LimitsConfig;
 use crate::error::GatewayError;
 
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
 
-/// TCP keep-alive probes on upstream connections.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
 /// How one runtime reaches the upstreams.
 pub struct Upstreams {
-    pool: Arc<Pool>,
+    /// hyper's connections, for requests with a body.
+    pool: Arc<Pool<SendRequest<LimitedBody>>>,
+    /// keygate's own, for requests without one.
+    own: Option<Arc<Pool<Conn>>>,
     https: HttpsClient,
     connect_timeout: Duration,
 }
 
 impl Upstreams {
     pub fn new(limits: &LimitsConfig) -> Upstreams {
+        let (max_idle, idle_timeout) = (
+            limits.upstream_pool_max_idle_per_host,
+            limits.upstream_pool_idle_timeout,
+        );
+        // `KEYGATE_H1_CLIENT=0` sends every request through hyper's client,
+        // to compare the two.
+        let own = std::env::var("KEYGATE_H1_CLIENT").is_ok_and(|v| v == "0" || v == "off");
         Upstreams {
-            pool: Arc::new(Pool::new(
-                limits.upstream_pool_max_idle_per_host,
-                limits.upstream_pool_idle_timeout,
-            )),
+            pool: Arc::new(Pool::new(max_idle, idle_timeout)),
+            own: (!own).then(|| Arc::new(Pool::new(max_idle, idle_timeout))),
             https: build_https_client(limits),
             connect_timeout: limits.upstream_connect_timeout,
         }
@@ -62,10 +70,14 @@ impl Upstreams {
         table: &RouteTable,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let sent = async {
-            if route.upstream_scheme == http::uri::Scheme::HTTP {
-                self.send_pooled(req, route, table).await
-            } else {
-                self.send_https(req, route).await
+            if route.upstream_scheme != http::uri::Scheme::HTTP {
+                return self.send_https(req, route).await;
+            }
+            match &self.own {
+                Some(own) if req.body().is_from_own_path() => {
+                    self.send_own(own, req, route, table).await
+                }
+                _ => self.send_pooled(req, route, table).await,
             }
         };
         match tokio::time::timeout(route.config.timeout, sent).await {
@@ -74,17 +86,55 @@ impl Upstreams {
         }
     }
 
+    /// A bodiless request on keygate's own client connection.
+    async fn send_own(
+        &self,
+        pool: &Arc<Pool<Conn>>,
+        req: Request<LimitedBody>,
+        route: &Route,
+        table: &RouteTable,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let key = pool_key(route, table);
+        let (parts, _) = req.into_parts();
+        let written = |e: std::io::Error| {
+            tracing::debug!(error = %e, "upstream write failed");
+            GatewayError::UpstreamUnavailable
+        };
+        let pooled = match pool.checkout(key) {
+            Some(mut conn) => conn
+                .write_request(&parts)
+                .await
+                .map_err(written)?
+                .then_some(conn),
+            None => None,
+        };
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            // None pooled, or it broke before a byte was written.
+            None => {
+                let mut conn = Conn::connect(&route.upstream_addr, self.connect_timeout).await?;
+                if !conn.write_request(&parts).await.map_err(written)? {
+                    return Err(GatewayError::UpstreamUnavailable);
+                }
+                conn
+            }
+        };
+        let head = conn.read_head(&parts.method).await?;
+        let lease = Lease {
+            pool: pool.clone(),
+            key,
+            conn,
+        };
+        Ok(head.into_response(lease).map(UpstreamBody::Own))
+    }
+
     async fn send_pooled(
         &self,
         mut req: Request<LimitedBody>,
         route: &Route,
         table: &RouteTable,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let key = PoolKey {
-            generation: table.generation(),
-            slot: route.upstream_slot,
-            slots: table.upstream_count(),
-        };
+        let key = pool_key(route, table);
         if let Some(mut sender) = self.pool.checkout(key) {
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.lease(resp, sender, key)),
@@ -112,27 +162,13 @@ impl Upstreams {
         let lease = Lease {
             pool: self.pool.clone(),
             key,
-            sender,
+            conn: sender,
         };
-        resp.map(|body| UpstreamBody::new(body, Some(lease)))
+        resp.map(|body| UpstreamBody::hyper(body, Some(lease)))
     }
 
     async fn connect(&self, addr: &str) -> Result<SendRequest<LimitedBody>, GatewayError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, upstream = addr, "upstream connect failed");
-                    return Err(GatewayError::UpstreamUnavailable);
-                }
-                Err(_) => {
-                    tracing::debug!(upstream = addr, "upstream connect timed out");
-                    return Err(GatewayError::UpstreamUnavailable);
-                }
-            };
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let stream = client::connect_tcp(addr, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -156,7 +192,7 @@ impl Upstreams {
         parts.authority = Some(route.upstream_authority.clone());
         *req.uri_mut() = Uri::from_parts(parts).map_err(|_| GatewayError::BadPath)?;
         match self.https.request(req).await {
-            Ok(resp) => Ok(resp.map(|body| UpstreamBody::new(body, None))),
+            Ok(resp) => Ok(resp.map(|body| UpstreamBody::hyper(body, None))),
             Err(e) => {
                 tracing::debug!(error = %e, connect = e.is_connect(), "upstream request failed");
                 Err(GatewayError::UpstreamUnavailable)
@@ -175,7 +211,7 @@ fn build_https_client(limits: &LimitsConfig) -> HttpsClient {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(limits.upstream_connect_timeout));
-    http.set_keepalive(Some(TCP_KEEPALIVE));
+    http.set_keepalive(Some(client::TCP_KEEPALIVE));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_only()
@@ -199,48 +235,86 @@ struct PoolKey {
     slots: usize,
 }
 
+fn pool_key(route: &Route, table: &RouteTable) -> PoolKey {
+    PoolKey {
+        generation: table.generation(),
+        slot: route.upstream_slot,
+        slots: table.upstream_count(),
+    }
+}
+
+/// A connection a [`Pool`] can keep.
+pub trait Pooled {
+    /// Whether it can carry a request now (checked at checkout).
+    fn ready(&self) -> bool;
+    /// Whether it is known to be closed (checked at checkin).
+    fn closed(&self) -> bool;
+}
+
+impl Pooled for SendRequest<LimitedBody> {
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn closed(&self) -> bool {
+        self.is_closed()
+    }
+}
+
+impl Pooled for Conn {
+    fn ready(&self) -> bool {
+        self.usable()
+    }
+
+    fn closed(&self) -> bool {
+        false // found out at checkout, without a system call here
+    }
+}
+
 /// Idle HTTP/1.1 connections per upstream, most recently used last.
-pub struct Pool {
-    state: Mutex<PoolState>,
+pub struct Pool<C> {
+    state: Mutex<PoolState<C>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
-#[derive(Default)]
-struct PoolState {
+struct PoolState<C> {
     generation: u64,
-    idle: Vec<Vec<Idle>>,
+    idle: Vec<Vec<Idle<C>>>,
 }
 
-struct Idle {
-    sender: SendRequest<LimitedBody>,
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-impl Pool {
-    fn new(max_idle: usize, idle_timeout: Duration) -> Pool {
+impl<C: Pooled> Pool<C> {
+    fn new(max_idle: usize, idle_timeout: Duration) -> Pool<C> {
         Pool {
-            state: Mutex::new(PoolState::default()),
+            state: Mutex::new(PoolState {
+                generation: 0,
+                idle: Vec::new(),
+            }),
             max_idle,
             idle_timeout,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<C>> {
         // The lists hold no invariant a panic could break.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most recently used live, ready connection to `key`'s upstream.
-    fn checkout(&self, key: PoolKey) -> Option<SendRequest<LimitedBody>> {
+    fn checkout(&self, key: PoolKey) -> Option<C> {
         let mut state = self.lock();
         if state.generation != key.generation {
             return None;
         }
         let list = state.idle.get_mut(key.slot)?;
         while let Some(idle) = list.pop() {
-            if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
-                return Some(idle.sender);
+            if idle.since.elapsed() < self.idle_timeout && idle.conn.ready() {
+                return Some(idle.conn);
             }
             // Closed, expired, or (rarely) not yet done with its last
             // exchange: drop it rather than wait.
@@ -249,8 +323,8 @@ impl Pool {
     }
 
     /// Takes a connection back after its response was read to the end.
-    fn checkin(&self, key: PoolKey, sender: SendRequest<LimitedBody>) {
-        if sender.is_closed() || self.max_idle == 0 {
+    fn checkin(&self, key: PoolKey, conn: C) {
+        if conn.closed() || self.max_idle == 0 {
             return;
         }
         let mut state = self.lock();
@@ -270,22 +344,30 @@ impl Pool {
             list.remove(0);
         }
         list.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
     }
 }
 
 /// A connection lent to one response; back to the pool when its body ends.
-pub struct Lease {
-    pool: Arc<Pool>,
+pub struct Lease<C> {
+    pool: Arc<Pool<C>>,
     key: PoolKey,
-    sender: SendRequest<LimitedBody>,
+    conn: C,
 }
 
-impl Lease {
+impl<C: Pooled> Lease<C> {
     pub fn release(self) {
-        self.pool.checkin(self.key, self.sender);
+        self.pool.checkin(self.key, self.conn);
+    }
+
+    pub fn conn(&self) -> &C {
+        &self.conn
+    }
+
+    pub fn conn_mut(&mut self) -> &mut C {
+        &mut self.conn
     }
 }
 
@@ -294,22 +376,37 @@ mod tests {
     use super::*;
     use crate::config::{PathMatch, RouteAuth, RouteConfig};
     use crate::proxy::body::ClientBody;
+    use http::Method;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
     /// A raw HTTP/1.1 upstream answering `ok` to every request; counts the
     /// connections it accepted and, with `close_after_answer`, hangs up after
     /// each answer (as an upstream whose keep-alive timeout passed would).
     async fn upstream(close_after_answer: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        scripted(vec![(OK, close_after_answer)]).await
+    }
+
+    /// A raw upstream that answers the n-th request head it reads (over all
+    /// connections) with `answers[n % len]` as given, and hangs up after it
+    /// when its flag says so.
+    async fn scripted(
+        answers: Vec<(&'static [u8], bool)>,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(answers);
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
+                let (answers, answered) = (answers.clone(), answered.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
@@ -323,8 +420,9 @@ mod tests {
                         seen.extend_from_slice(&buf[..n]);
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(answer).await.is_err() || close_after_answer {
+                            let i = answered.fetch_add(1, Ordering::SeqCst);
+                            let (answer, close) = answers[i % answers.len()];
+                            if s.write_all(answer).await.is_err() || close {
                                 return;
                             }
                         }
@@ -351,14 +449,31 @@ mod tests {
 
     /// A bodiless GET, as keygate's own HTTP/1 path hands it over.
     async fn get(up: &Upstreams, table: &RouteTable) -> Result<String, GatewayError> {
+        let (_, body) = send(up, table, Method::GET).await?;
+        Ok(body.unwrap())
+    }
+
+    /// A bodiless request: the answer's status and its body, or how the
+    /// body broke.
+    async fn send(
+        up: &Upstreams,
+        table: &RouteTable,
+        method: Method,
+    ) -> Result<(http::StatusCode, Result<String, String>), GatewayError> {
         let (body, _) = LimitedBody::new(ClientBody::Empty, 1024);
-        let mut req = Request::get("/x").body(body).unwrap();
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = Uri::from_static("/x");
         req.headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("up"));
         let route = table.find(None, "/x").unwrap();
         let resp = up.forward(req, route, table).await?;
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        Ok(String::from_utf8(bytes.to_vec()).unwrap())
+        let status = resp.status();
+        let body = match resp.into_body().collect().await {
+            Ok(b) => Ok(String::from_utf8(b.to_bytes().to_vec()).unwrap()),
+            Err(e) => Err(e.to_string()),
+        };
+        Ok((status, body))
     }
 
     fn upstreams() -> Upstreams {
@@ -403,5 +518,130 @@ mod tests {
             get(&up, &table).await,
             Err(GatewayError::UpstreamUnavailable)
         ));
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_chunked_bodies_decoded() {
+        let chunked: &[u8] =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+            HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+            3;x=y\r\nabc\r\n2\r\nde\r\n0\r\ntrailer: 1\r\n\r\n";
+        let (addr, accepted) = scripted(vec![(chunked, false), (OK, false)]).await;
+        let (up, table) = (upstreams(), table(addr));
+        let (status, body) = send(&up, &table, Method::GET).await.unwrap();
+        assert_eq!((status.as_u16(), body.unwrap().as_str()), (200, "abcde"));
+        // Read to its end, the connection carries the next request.
+        assert_eq!(get(&up, &table).await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn bodiless_answers_keep_the_connection() {
+        let no_content: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let head: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        let (addr, accepted) =
+            scripted(vec![(no_content, false), (head, false), (OK, false)]).await;
+        let (up, table) = (upstreams(), table(addr));
+        let (status, body) = send(&up, &table, Method::GET).await.unwrap();
+        assert_eq!((status.as_u16(), body.unwrap().as_str()), (204, ""));
+        let (status, body) = send(&up, &table, Method::HEAD).await.unwrap();
+        assert_eq!((status.as_u16(), body.unwrap().as_str()), (200, ""));
+        assert_eq!(get(&up, &table).await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_that_end_their_connection_are_not_reused() {
+        let close: &[u8] = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\na";
+        let old: &[u8] = b"HTTP/1.0 200 OK\r\n\r\nuntil close";
+        // More bytes than the length says: nothing after it can be trusted.
+        let extra: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n";
+        let (addr, accepted) = scripted(vec![
+            (close, false),
+            (old, true),
+            (extra, false),
+            (OK, false),
+        ])
+        .await;
+        let (up, table) = (upstreams(), table(addr));
+        assert_eq!(get(&up, &table).await.unwrap(), "a");
+        assert_eq!(get(&up, &table).await.unwrap(), "until close");
+        assert_eq!(get(&up, &table).await.unwrap(), "ok");
+        assert_eq!(get(&up, &table).await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_unavailable_and_cut_bodies_broken() {
+        for bad in [
+            &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"garbage\r\n\r\n",
+            b"",
+        ] {
+            let (addr, _) = scripted(vec![(bad, true)]).await;
+            let (up, table) = (upstreams(), table(addr));
+            let sent = send(&up, &table, Method::GET).await;
+            assert!(
+                matches!(sent, Err(GatewayError::UpstreamUnavailable)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for cut in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        ] {
+            let (addr, _) = scripted(vec![(cut, true)]).await;
+            let (up, table) = (upstreams(), table(addr));
+            let (_, body) = send(&up, &table, Method::GET).await.unwrap();
+            assert!(body.is_err(), "{:?}", String::from_utf8_lossy(cut));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let big: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nstart";
+        let (addr, accepted) = scripted(vec![(big, false), (OK, false)]).await;
+        let (up, table) = (upstreams(), table(addr));
+        let (body, _) = LimitedBody::new(ClientBody::Empty, 1024);
+        let mut req = Request::get("/x").body(body).unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+        let route = table.find(None, "/x").unwrap();
+        let resp = up.forward(req, route, &table).await.unwrap();
+        drop(resp);
+        assert_eq!(get(&up, &table).await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn field_names_are_parsed_anew_when_they_change() {
+        let a: &[u8] = b"HTTP/1.1 200 OK\r\nX-A: 1\r\ncontent-length: 0\r\n\r\n";
+        let b: &[u8] = b"HTTP/1.1 200 OK\r\nX-B: 2\r\nContent-Length: 0\r\nx-c: 3\r\n\r\n";
+        let (addr, accepted) = scripted(vec![(a, false), (b, false)]).await;
+        let (up, table) = (upstreams(), table(addr));
+        let route = table.find(None, "/x").unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (body, _) = LimitedBody::new(ClientBody::Empty, 1024);
+            let mut req = Request::get("/x").body(body).unwrap();
+            req.headers_mut()
+                .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+            let resp = up.forward(req, route, &table).await.unwrap();
+            let mut fields: Vec<String> = resp
+                .headers()
+                .iter()
+                .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+                .collect();
+            fields.sort();
+            seen.push(fields.join(" "));
+        }
+        let expected = ["content-length=0 x-a=1", "content-length=0 x-b=2 x-c=3"];
+        assert_eq!(seen, [expected[0], expected[1], expected[0], expected[1]]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }

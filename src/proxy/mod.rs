@@ -6,6 +6,7 @@
 //! status code. Listening, TLS and connection handling live in [`listener`].
 
 pub mod body;
+pub mod client;
 pub mod forward;
 pub mod framing;
 pub mod h1;
