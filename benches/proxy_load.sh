@@ -25,7 +25,8 @@
 # instead of building), SCENARIO_FILTER (space-separated scenario names).
 # Scenarios: direct, nginx, keygate_open, keygate_key (defaults: access log
 # and metrics on), quiet_open, quiet_key (both off), hyper_open, hyper_key
-# (defaults, keygate's own HTTP/1 path off), redis_key (Redis store and
+# (defaults, keygate's own HTTP/1 path off), hclient_open, hclient_key
+# (defaults, keygate's own upstream client off), redis_key (Redis store and
 # Redis rate limit; needs redis-server), nginx_1k, keygate_1k, nginx_64k,
 # keygate_64k, h2_nginx, h2_keygate, ol_direct, ol_nginx, ol_keygate_open,
 # ol_keygate_key.
@@ -200,6 +201,9 @@ metrics:
 # The defaults with every HTTP/1 request served by hyper (keygate's own
 # HTTP/1 path switched off), to show what that path gains.
 start_keygate hyper "${EMBEDDED/PLACEHOLDER/hyper}" "" KEYGATE_H1_FAST_PATH=0
+# The defaults with keygate's own HTTP/1 path but hyper's upstream client
+# (keygate's own client switched off), to show what that client gains.
+start_keygate hclient "${EMBEDDED/PLACEHOLDER/hclient}" "" KEYGATE_H1_CLIENT=0
 if [ -n "$REDIS_PORT" ]; then
   start_keygate redis "  backend: redis
   redis:
@@ -218,6 +222,8 @@ add keygate_key "$KG_URL_kg/keyed/x" "$KEYHDR" wrk
 add quiet_open "$KG_URL_quiet/open/x" "" wrk
 add hyper_open "$KG_URL_hyper/open/x" "" wrk
 add hyper_key "$KG_URL_hyper/keyed/x" "Authorization: Bearer $KEY_hyper" wrk
+add hclient_open "$KG_URL_hclient/open/x" "" wrk
+add hclient_key "$KG_URL_hclient/keyed/x" "Authorization: Bearer $KEY_hclient" wrk
 add quiet_key "$KG_URL_quiet/keyed/x" "Authorization: Bearer $KEY_quiet" wrk
 [ -n "$REDIS_PORT" ] && add redis_key "$KG_URL_redis/keyed/x" "Authorization: Bearer $KEY_redis" wrk
 add nginx_1k "http://127.0.0.1:$NGX_PORT/open/b1k" "" wrk
@@ -232,7 +238,7 @@ if [ -n "$OHA" ]; then
   add ol_keygate_open "${URL[keygate_open]}" "" oha
   add ol_keygate_key "${URL[keygate_key]}" "$KEYHDR" oha
 fi
-ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key hyper_open hyper_key redis_key nginx_1k keygate_1k
+ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key hyper_open hyper_key hclient_open hclient_key redis_key nginx_1k keygate_1k
   nginx_64k keygate_64k h2_nginx h2_keygate ol_direct ol_nginx ol_keygate_open ol_keygate_key)
 # The process whose CPU each scenario charges (the proxy under test; for
 # direct, the upstream's worker): utime + stime from /proc, per 100k requests.
@@ -245,6 +251,7 @@ for s in "${ALL[@]}"; do
     *nginx*) CPUPID[$s]=$PX_WORKER ;;
     quiet_*) CPUPID[$s]=$PID_quiet ;;
     hyper_*) CPUPID[$s]=$PID_hyper ;;
+    hclient_*) CPUPID[$s]=$PID_hclient ;;
     redis_*) CPUPID[$s]=${PID_redis:-} ;;
     *) CPUPID[$s]=$PID_kg ;;
   esac
@@ -372,6 +379,8 @@ names = {
     'quiet_key': 'keygate, key check + local rate limit, access log and metrics off',
     'hyper_open': 'keygate, auth: none, every request through hyper (KEYGATE_H1_FAST_PATH=0)',
     'hyper_key': 'keygate, key check + local rate limit, through hyper',
+    'hclient_open': 'keygate, auth: none, own HTTP/1 path, hyper upstream client (KEYGATE_H1_CLIENT=0)',
+    'hclient_key': 'keygate, key check + local rate limit, hyper upstream client',
     'redis_key': 'keygate, key check + rate limit, Redis store and Redis rate limit',
     'nginx_1k': 'nginx reverse proxy, 1 KiB answer',
     'keygate_1k': 'keygate, key check + local rate limit, 1 KiB answer',
