@@ -38,6 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::forward::Lease;
+use super::headers::Added;
 use crate::error::GatewayError;
 
 /// The most header fields in an upstream response head (hyper's default).
@@ -112,9 +113,13 @@ impl Conn {
     /// Writes the head of a bodiless request. `Ok(false)`: nothing was
     /// written (the connection was already broken), so the request may be
     /// sent on another connection; an error once any byte was written.
-    pub async fn write_request(&mut self, parts: &http::request::Parts) -> io::Result<bool> {
+    pub async fn write_request(
+        &mut self,
+        parts: &http::request::Parts,
+        added: &Added,
+    ) -> io::Result<bool> {
         self.out.clear();
-        encode_request(&mut self.out, parts);
+        encode_request(&mut self.out, parts, added);
         let n = match self.stream.write(&self.out).await {
             Ok(0) => return Ok(false),
             Ok(n) => n,
@@ -360,15 +365,20 @@ fn parse_length(s: &[u8]) -> Option<u64> {
     Some(s.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-/// The request line and fields; `Content-Length: 0` for methods that
-/// usually carry a body, as curl and most clients send it.
-fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts) {
+/// The request line and fields: the request's own, less those `added`
+/// replaces, then `added`'s; `Content-Length: 0` for methods that usually
+/// carry a body, as curl and most clients send it.
+fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, added: &Added) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    let own = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| !added.replaces(name));
+    for (name, value) in own.chain(added.iter().map(|(n, v)| (n, v))) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -781,16 +791,31 @@ mod tests {
             .append("x-two", HeaderValue::from_static("1"));
         req.headers_mut()
             .append("x-two", HeaderValue::from_static("2"));
+        req.headers_mut()
+            .insert("x-forwarded-host", HeaderValue::from_static("forged"));
         let (parts, ()) = req.into_parts();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts);
+        encode_request(&mut out, &parts, &Added::default());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /a/b?c=d HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\ncontent-length: 0\r\n\r\n"
         );
+        // Fields keygate sets replace the client's, and go last.
+        let mut added = Added::default();
+        added.push(header::HOST, HeaderValue::from_static("upstream"));
+        added.push(
+            HeaderName::from_static("x-two"),
+            HeaderValue::from_static("3"),
+        );
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, &added);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /a/b?c=d HTTP/1.1\r\nhost: upstream\r\nx-two: 3\r\ncontent-length: 0\r\n\r\n"
+        );
         let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts);
+        encode_request(&mut out, &parts, &Added::default());
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
     }
 }

@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{LimitedBody, UpstreamBody};
 use super::client::{self, Conn};
+use super::headers::Added;
 use super::route::{Route, RouteTable};
 use crate::config::LimitsConfig;
 use crate::error::GatewayError;
@@ -61,24 +62,28 @@ impl Upstreams {
         }
     }
 
-    /// Sends `req` (origin-form URI) to `route`'s upstream and waits up to the
-    /// route's timeout for the response head.
+    /// Sends `req` (origin-form URI) with the fields keygate sets on it
+    /// (`added`) to `route`'s upstream and waits up to the route's timeout for
+    /// the response head.
     pub async fn forward(
         &self,
-        req: Request<LimitedBody>,
+        mut req: Request<LimitedBody>,
+        added: Added,
         route: &Route,
         table: &RouteTable,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let sent = async {
+            if let Some(own) = &self.own
+                && route.upstream_scheme == http::uri::Scheme::HTTP
+                && req.body().is_from_own_path()
+            {
+                return self.send_own(own, req, &added, route, table).await;
+            }
+            added.apply(req.headers_mut());
             if route.upstream_scheme != http::uri::Scheme::HTTP {
                 return self.send_https(req, route).await;
             }
-            match &self.own {
-                Some(own) if req.body().is_from_own_path() => {
-                    self.send_own(own, req, route, table).await
-                }
-                _ => self.send_pooled(req, route, table).await,
-            }
+            self.send_pooled(req, route, table).await
         };
         match tokio::time::timeout(route.config.timeout, sent).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
@@ -91,6 +96,7 @@ impl Upstreams {
         &self,
         pool: &Arc<Pool<Conn>>,
         req: Request<LimitedBody>,
+        added: &Added,
         route: &Route,
         table: &RouteTable,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
@@ -102,7 +108,7 @@ impl Upstreams {
         };
         let pooled = match pool.checkout(key) {
             Some(mut conn) => conn
-                .write_request(&parts)
+                .write_request(&parts, added)
                 .await
                 .map_err(written)?
                 .then_some(conn),
@@ -113,7 +119,7 @@ impl Upstreams {
             // None pooled, or it broke before a byte was written.
             None => {
                 let mut conn = Conn::connect(&route.upstream_addr, self.connect_timeout).await?;
-                if !conn.write_request(&parts).await.map_err(written)? {
+                if !conn.write_request(&parts, added).await.map_err(written)? {
                     return Err(GatewayError::UpstreamUnavailable);
                 }
                 conn
@@ -472,7 +478,9 @@ mod tests {
         method: Method,
     ) -> Result<(http::StatusCode, Result<String, String>), GatewayError> {
         let route = table.find(None, "/x").unwrap();
-        let resp = up.forward(bodiless(method), route, table).await?;
+        let resp = up
+            .forward(bodiless(method), Added::default(), route, table)
+            .await?;
         let status = resp.status();
         let body = match resp.into_body().collect().await {
             Ok(b) => Ok(String::from_utf8(b.to_bytes().to_vec()).unwrap()),
@@ -613,7 +621,9 @@ mod tests {
         let (addr, accepted) = scripted(vec![(big, false), (OK, false)]).await;
         let (up, table) = (upstreams(), table(addr));
         let route = table.find(None, "/x").unwrap();
-        let resp = up.forward(bodiless(Method::GET), route, &table).await;
+        let resp = up
+            .forward(bodiless(Method::GET), Added::default(), route, &table)
+            .await;
         drop(resp.unwrap());
         assert_eq!(get(&up, &table).await.unwrap(), "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -628,7 +638,9 @@ mod tests {
         let route = table.find(None, "/x").unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
-            let resp = up.forward(bodiless(Method::GET), route, &table).await;
+            let resp = up
+                .forward(bodiless(Method::GET), Added::default(), route, &table)
+                .await;
             let resp = resp.unwrap();
             let mut fields: Vec<String> = resp
                 .headers()

@@ -40,11 +40,12 @@ pub static X_KEYGATE_ACCESS: HeaderName = HeaderName::from_static("x-keygate-acc
 /// The client-supplied part of the upstream request's headers, in the order
 /// this module's doc fixes: hop-by-hop and `Connection`-listed headers,
 /// forged `X-Keygate-*` headers and (once a key was verified, `credentials`
-/// set) every credential header go; then `X-Forwarded-*` are built for
-/// `client` (see [`add_forwarded`]). The caller adds `X-Request-Id`, the
-/// identity headers and `Host` afterwards.
+/// set) every credential header go; then the `X-Forwarded-*` fields for
+/// `client` go into `added` (see [`forwarded`]). The caller adds
+/// `X-Request-Id`, the identity headers and `Host` there afterwards.
 pub fn rewrite_for_upstream(
     headers: &mut HeaderMap,
+    added: &mut Added,
     credentials: Option<&[CredentialHeader]>,
     client: &HeaderValue,
     https: bool,
@@ -55,7 +56,51 @@ pub fn rewrite_for_upstream(
     if let Some(sources) = credentials {
         auth::strip_credentials(headers, sources);
     }
-    add_forwarded(headers, client, https, host);
+    forwarded(headers, added, client, https, host);
+}
+
+/// The fields keygate sets on an upstream request, each replacing whatever
+/// the client sent under its name. hyper's client gets them inserted into
+/// the request's map ([`Added::apply`]); keygate's own client writes the
+/// map without those names and then these, which spares a hashed insert
+/// per field ([`Added::replaces`]).
+#[derive(Debug, Default)]
+pub struct Added {
+    fields: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Added {
+    pub fn with_capacity(n: usize) -> Added {
+        Added {
+            fields: Vec::with_capacity(n),
+        }
+    }
+
+    /// Sets `name` (once per name).
+    pub fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        self.fields.push((name, value));
+    }
+
+    /// Whether a client field of this name is left out: one of these, or
+    /// `X-Forwarded-Host` (which keygate sets or drops).
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        name == X_FORWARDED_HOST || self.fields.iter().any(|(n, _)| n == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.fields.iter()
+    }
+
+    /// Puts the fields into `headers`, replacing the client's.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        headers.reserve(self.fields.len());
+        if !self.fields.iter().any(|(n, _)| n == X_FORWARDED_HOST) {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+        for (name, value) in self.fields {
+            headers.insert(name, value);
+        }
+    }
 }
 
 /// Removes hop-by-hop headers, and every header named in `Connection`.
@@ -121,9 +166,22 @@ pub fn strip_keygate_headers(headers: &mut HeaderMap) {
 
 /// Appends the client address (see [`ip_header`]) to `X-Forwarded-For`, as
 /// nginx's `$proxy_add_x_forwarded_for` does, and sets `X-Forwarded-Proto` and
-/// `-Host`.
+/// `-Host` (dropped without a `host`).
 pub fn add_forwarded(
     headers: &mut HeaderMap,
+    client: &HeaderValue,
+    https: bool,
+    host: Option<&HeaderValue>,
+) {
+    let mut added = Added::with_capacity(3);
+    forwarded(headers, &mut added, client, https, host);
+    added.apply(headers);
+}
+
+/// The `X-Forwarded-*` fields of [`add_forwarded`], into `added`.
+fn forwarded(
+    headers: &HeaderMap,
+    added: &mut Added,
     client: &HeaderValue,
     https: bool,
     host: Option<&HeaderValue>,
@@ -136,14 +194,13 @@ pub fn add_forwarded(
         None => Some(client.clone()),
     };
     if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        added.push(X_FORWARDED_FOR.clone(), v);
     }
     let proto = if https { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    match host {
-        Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
+    added.push(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Some(h) = host {
+        added.push(X_FORWARDED_HOST.clone(), h.clone());
+    }
 }
 
 /// A client address as a header value, formatted once per connection.

@@ -31,7 +31,7 @@ use crate::lifecycle::usage::{Outcome, UsageRecorder};
 use crate::ratelimit::{self, RateHeaders, RateLimits};
 use crate::telemetry::request::{Done, Exchange, RequestTelemetry};
 use body::{ClientBody, LimitedBody, ProxyBody};
-use headers::X_REQUEST_ID;
+use headers::{Added, X_REQUEST_ID};
 use route::{Route, RouteTable};
 
 /// The config as the data plane uses it: validated and compiled.
@@ -200,7 +200,7 @@ impl Gateway {
                 .await
                 .inspect_err(|_| self.shared.usage.record(key.id(), Outcome::RateLimited))?;
         }
-        let (upstream_req, body_fault) = rewrite_request(
+        let (upstream_req, added, body_fault) = rewrite_request(
             req,
             route,
             RewriteContext {
@@ -219,7 +219,7 @@ impl Gateway {
         let sent = exchange.timed.then(std::time::Instant::now);
         let resp = self
             .upstreams
-            .forward(upstream_req, route, &compiled.routes)
+            .forward(upstream_req, added, route, &compiled.routes)
             .await;
         exchange.upstream_elapsed = sent.map(|t| t.elapsed());
         exchange.upstream_status = resp.as_ref().ok().map(|r| r.status());
@@ -364,40 +364,40 @@ struct RewriteContext<'a> {
     normalized_path: Option<&'a str>,
 }
 
-/// Rewrite stage: the upstream request (see [`headers`] for the order).
+/// Rewrite stage: the upstream request (see [`headers`] for the order), and
+/// the fields keygate sets on it.
 fn rewrite_request(
     req: Request<ClientBody>,
     route: &Route,
     ctx: RewriteContext<'_>,
-) -> Result<(Request<LimitedBody>, Arc<body::BodyFault>), GatewayError> {
+) -> Result<(Request<LimitedBody>, Added, Arc<body::BodyFault>), GatewayError> {
     let (mut parts, body) = req.into_parts();
     let original_host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(header::HOST).cloned(),
     };
-    let h = &mut parts.headers;
-    // Room for what is added below, so the map grows at most once.
-    h.reserve(12);
+    let mut added = Added::with_capacity(10);
     headers::rewrite_for_upstream(
-        h,
+        &mut parts.headers,
+        &mut added,
         ctx.credentials,
         &ctx.conn.peer_ip,
         ctx.conn.https,
         original_host.as_ref(),
     );
-    h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    added.push(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(key) = ctx.principal {
-        h.insert(headers::X_KEYGATE_KEY_ID.clone(), key.key_id_header());
-        h.insert(headers::X_KEYGATE_KEY_NAME.clone(), key.name_header());
-        h.insert(headers::X_KEYGATE_OWNER.clone(), key.owner_header());
-        h.insert(headers::X_KEYGATE_SCOPES.clone(), key.scopes_header());
-        h.insert(headers::X_KEYGATE_ACCESS.clone(), key.access_header());
+        added.push(headers::X_KEYGATE_KEY_ID.clone(), key.key_id_header());
+        added.push(headers::X_KEYGATE_KEY_NAME.clone(), key.name_header());
+        added.push(headers::X_KEYGATE_OWNER.clone(), key.owner_header());
+        added.push(headers::X_KEYGATE_SCOPES.clone(), key.scopes_header());
+        added.push(headers::X_KEYGATE_ACCESS.clone(), key.access_header());
     }
-    h.insert(header::HOST, route.upstream_host.clone());
+    added.push(header::HOST, route.upstream_host.clone());
     parts.uri = upstream_uri(&parts.uri, route, ctx.normalized_path)?;
     parts.version = Version::HTTP_11;
     let (body, fault) = LimitedBody::new(body, route.config.max_body);
-    Ok((Request::from_parts(parts, body), fault))
+    Ok((Request::from_parts(parts, body), added, fault))
 }
 
 /// The upstream request's target in origin form: the upstream's base path +
