@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -38,6 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::forward::Lease;
+use super::framing;
 use super::headers::Added;
 use crate::error::GatewayError;
 
@@ -215,10 +216,10 @@ impl Conn {
                     let name =
                         HeaderName::from_bytes(raw).map_err(|_| bad_upstream("bad header name"))?;
                     let entry = (Box::from(raw), name.clone());
-                    let known = self.names.len();
-                    if i < known {
+                    // `i` is at most `names.len()`: it grows one by one.
+                    if i < self.names.len() {
                         self.names[i] = entry;
-                    } else if i == known {
+                    } else {
                         self.names.push(entry);
                     }
                     name
@@ -279,8 +280,7 @@ impl Fields {
             return Ok(true); // a HEAD answer passes it on
         }
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            self.chunked = Some(framing::ends_in_chunked(value));
             return Ok(false);
         }
         if name.eq_ignore_ascii_case(b"connection") {
@@ -485,7 +485,7 @@ fn decode_chunked(
                 if &buf[..2] != b"\r\n" {
                     return Err(broken("chunk data not followed by CRLF"));
                 }
-                let _ = buf.split_to(2);
+                buf.advance(2);
                 *chunk = Chunk::Size;
             }
             Chunk::Trailers => {

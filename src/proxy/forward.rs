@@ -53,10 +53,10 @@ impl Upstreams {
         );
         // `KEYGATE_H1_CLIENT=0` sends every request through hyper's client,
         // to compare the two.
-        let own = std::env::var("KEYGATE_H1_CLIENT").is_ok_and(|v| v == "0" || v == "off");
+        let off = std::env::var("KEYGATE_H1_CLIENT").is_ok_and(|v| v == "0" || v == "off");
         Upstreams {
             pool: Arc::new(Pool::new(max_idle, idle_timeout)),
-            own: (!own).then(|| Arc::new(Pool::new(max_idle, idle_timeout))),
+            own: (!off).then(|| Arc::new(Pool::new(max_idle, idle_timeout))),
             https: build_https_client(limits),
             connect_timeout: limits.upstream_connect_timeout,
         }

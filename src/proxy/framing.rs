@@ -213,10 +213,7 @@ fn after_head(head: &[u8]) -> (bool, State) {
             content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             has_te = true;
-            chunked = value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| trim_ws(last).eq_ignore_ascii_case(b"chunked"));
+            chunked = ends_in_chunked(value);
         }
     }
     if has_cl && has_te {
@@ -230,6 +227,15 @@ fn after_head(head: &[u8]) -> (bool, State) {
         _ => State::Head,
     };
     (false, next)
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`, which
+/// makes the body chunked (RFC 9112 section 6.3).
+pub fn ends_in_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| trim_ws(last).eq_ignore_ascii_case(b"chunked"))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
