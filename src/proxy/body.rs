@@ -20,6 +20,7 @@ use hyper::client::conn::http1::SendRequest;
 
 use super::client;
 use super::forward::Lease;
+use super::headers::RawFields;
 use crate::error::GatewayError;
 
 /// Error raised when a streamed body passes its limit.
@@ -166,6 +167,15 @@ impl UpstreamBody {
     pub fn hyper(inner: Incoming, lease: Option<Lease<SendRequest<LimitedBody>>>) -> UpstreamBody {
         UpstreamBody::Hyper(HyperBody { inner, lease })
     }
+
+    /// The answer's fields as they came from keygate's own client, not yet
+    /// in the response's `HeaderMap` (see [`client::ResponseBody::take_raw_fields`]).
+    pub fn take_raw_fields(&mut self) -> Option<RawFields> {
+        match self {
+            UpstreamBody::Own(b) => b.take_raw_fields(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -266,6 +276,22 @@ impl ProxyBody {
 
     pub fn empty() -> ProxyBody {
         ProxyBody::Full(None)
+    }
+
+    /// See [`UpstreamBody::take_raw_fields`].
+    pub fn take_raw_fields(&mut self) -> Option<RawFields> {
+        match self {
+            ProxyBody::Stream(b) => b.take_raw_fields(),
+            ProxyBody::Full(_) => None,
+        }
+    }
+}
+
+/// Moves the upstream's fields that travel with the body into the answer's
+/// `HeaderMap`, for a writer that only knows the map (hyper's server).
+pub fn raw_fields_into_map(resp: &mut http::Response<ProxyBody>) {
+    if let Some(raw) = resp.body_mut().take_raw_fields() {
+        raw.into_map(resp.headers_mut());
     }
 }
 

@@ -19,6 +19,12 @@
 //! when its answer was read exactly to its end and the upstream did not ask
 //! to close it (HTTP/1.1, no `Connection: close`, no length-by-close).
 //!
+//! The answer's end-to-end fields are not put into a `HeaderMap`: they are
+//! collected as the `name: value` lines keygate's own HTTP/1 path writes to
+//! the client ([`RawFields`], carried by the body), less the hop-by-hop and
+//! framing fields. Only a head whose `Connection` names other fields gets a
+//! map, so that those fields can be removed by name.
+//!
 //! Anything malformed (a bad status line, a conflicting or invalid
 //! `Content-Length`, a bad chunk, too many fields, a head over
 //! [`MAX_HEAD_BYTES`]) fails the exchange: 502 before the head, a broken
@@ -39,7 +45,7 @@ use tokio::net::TcpStream;
 
 use super::forward::Lease;
 use super::framing;
-use super::headers::Added;
+use super::headers::{Added, FieldKind, RawFields, RawFieldsBuilder, field_kind};
 use crate::error::GatewayError;
 
 /// The most header fields in an upstream response head (hyper's default).
@@ -83,12 +89,6 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written, kept for its allocation.
     out: Vec<u8>,
-    /// Where the fields of the head being read are, kept likewise.
-    spans: Vec<Span>,
-    /// The last head's field names, raw and parsed: an upstream sends the
-    /// same names in the same order, and comparing bytes is cheaper than
-    /// parsing a name.
-    names: Vec<(Box<[u8]>, HeaderName)>,
 }
 
 impl Conn {
@@ -98,8 +98,6 @@ impl Conn {
             stream: connect_tcp(addr, timeout).await?,
             buf: BytesMut::new(),
             out: Vec::new(),
-            spans: Vec::new(),
-            names: Vec::new(),
         })
     }
 
@@ -188,68 +186,58 @@ impl Conn {
             Some(1) => Version::HTTP_11,
             _ => Version::HTTP_10,
         };
-        // Offsets, so the fields can share the head's bytes once taken.
-        let base = self.buf.as_ptr() as usize;
-        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-        self.spans.clear();
-        for h in resp.headers.iter() {
-            let (name, value) = (h.name.as_bytes(), h.value);
-            self.spans.push(Span {
-                name: (at(name), name.len() as u32),
-                value: (at(value), value.len() as u32),
-            });
-        }
-        let bytes = self.buf.split_to(len).freeze();
         let mut fields = Fields::default();
-        let mut headers = HeaderMap::with_capacity(self.spans.len());
-        // Indexes `names`: the fields that go into the map, in order.
-        let mut i = 0;
-        for span in &self.spans {
-            let slice = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
-            let raw = &bytes[slice(span.name)];
-            if !fields.note(raw, &bytes[slice(span.value)])? {
-                continue;
-            }
-            let name = match self.names.get(i) {
-                Some((seen, name)) if **seen == *raw => name.clone(),
-                _ => {
-                    let name =
-                        HeaderName::from_bytes(raw).map_err(|_| bad_upstream("bad header name"))?;
-                    let entry = (Box::from(raw), name.clone());
-                    // `i` is at most `names.len()`: it grows one by one.
-                    if i < self.names.len() {
-                        self.names[i] = entry;
-                    } else {
-                        self.names.push(entry);
-                    }
-                    name
-                }
-            };
-            i += 1;
-            let value = HeaderValue::from_maybe_shared(bytes.slice(slice(span.value)))
-                .map_err(|_| bad_upstream("bad header value"))?;
-            headers.append(name, value);
+        let mut raw = RawFieldsBuilder::new(len, bodiless(method, status));
+        for h in resp.headers.iter() {
+            let (name, kind) = (h.name.as_bytes(), field_kind(h.name.as_bytes()));
+            fields.note(kind, h.value)?;
+            raw.push(name, h.value, kind);
         }
         let framing = fields.framing(method, status)?;
-        if framing != Framing::Empty && fields.chunked.is_some() {
-            // Transfer-Encoding overrides a Content-Length, which must not
-            // be passed on.
-            headers.remove(header::CONTENT_LENGTH);
-        }
+        let (headers, raw) = match fields.lists_others {
+            false => (HeaderMap::new(), Some(raw.finish())),
+            true => {
+                let drop_length = framing != Framing::Empty && fields.chunked.is_some();
+                (header_map(resp.headers, drop_length)?, None)
+            }
+        };
+        self.buf.advance(len);
         let close = version == Version::HTTP_10 || framing == Framing::UntilClose || fields.close;
         Ok(Some(Head {
             status,
             headers,
+            raw,
             framing,
             reusable: !close,
         }))
     }
 }
 
-/// Where a header field is in the head.
-struct Span {
-    name: (u32, u32),
-    value: (u32, u32),
+/// The fields of a head whose `Connection` names other fields, in a map for
+/// [`super::headers::strip_hop_by_hop`] to remove those from.
+/// `Transfer-Encoding` is this hop's and stays out, and so does a
+/// `Content-Length` it overrides (`drop_length`).
+fn header_map(
+    fields: &[httparse::Header<'_>],
+    drop_length: bool,
+) -> Result<HeaderMap, GatewayError> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for h in fields {
+        let name = h.name.as_bytes();
+        let skip = match field_kind(name) {
+            FieldKind::TransferEncoding => true,
+            FieldKind::ContentLength => drop_length,
+            _ => false,
+        };
+        if skip {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name).map_err(|_| bad_upstream("bad header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| bad_upstream("bad header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 /// What a head's framing and connection fields say.
@@ -260,51 +248,45 @@ struct Fields {
     length: Option<u64>,
     /// `Connection: close`.
     close: bool,
+    /// `Connection` names fields other than `close` and `keep-alive`.
+    lists_others: bool,
 }
 
 impl Fields {
-    /// Takes note of a field; whether it goes into the header map. The
-    /// framing fields are this hop's and stay out, and so do `Connection`
-    /// and `Keep-Alive` unless `Connection` names other fields, which
-    /// [`super::headers::strip_hop_by_hop`] then removes with it.
-    fn note(&mut self, name: &[u8], value: &[u8]) -> Result<bool, GatewayError> {
-        if name.eq_ignore_ascii_case(b"content-length") {
-            for part in value.split(|b| *b == b',') {
-                let n = parse_length(part.trim_ascii())
-                    .ok_or_else(|| bad_upstream("invalid Content-Length"))?;
-                if self.length.is_some_and(|l| l != n) {
-                    return Err(bad_upstream("conflicting Content-Length values"));
-                }
-                self.length = Some(n);
-            }
-            return Ok(true); // a HEAD answer passes it on
-        }
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.chunked = Some(framing::ends_in_chunked(value));
-            return Ok(false);
-        }
-        if name.eq_ignore_ascii_case(b"connection") {
-            let mut others = false;
-            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                    others = true;
+    /// Takes note of the framing and connection fields.
+    fn note(&mut self, kind: FieldKind, value: &[u8]) -> Result<(), GatewayError> {
+        match kind {
+            FieldKind::ContentLength => {
+                for part in value.split(|b| *b == b',') {
+                    let n = parse_length(part.trim_ascii())
+                        .ok_or_else(|| bad_upstream("invalid Content-Length"))?;
+                    if self.length.is_some_and(|l| l != n) {
+                        return Err(bad_upstream("conflicting Content-Length values"));
+                    }
+                    self.length = Some(n);
                 }
             }
-            return Ok(others);
+            FieldKind::TransferEncoding => {
+                self.chunked = Some(framing::ends_in_chunked(value));
+            }
+            FieldKind::Connection => {
+                for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        self.lists_others = true;
+                    }
+                }
+            }
+            _ => {}
         }
-        Ok(!name.eq_ignore_ascii_case(b"keep-alive"))
+        Ok(())
     }
 
     /// How the body of a response to `method` with `status` is delimited
     /// (RFC 9112 section 6.3).
     fn framing(&self, method: &Method, status: StatusCode) -> Result<Framing, GatewayError> {
-        if method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
+        if bodiless(method, status) {
             return Ok(Framing::Empty);
         }
         Ok(match (self.chunked, self.length) {
@@ -315,10 +297,22 @@ impl Fields {
     }
 }
 
+/// Whether the answer to `method` with `status` has no body, whatever its
+/// fields say.
+fn bodiless(method: &Method, status: StatusCode) -> bool {
+    method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
 /// A final response head.
 pub struct Head {
     pub status: StatusCode,
+    /// Empty when the fields are kept as they came (`raw`).
     pub headers: HeaderMap,
+    /// The fields as they came, when no `Connection` field names others.
+    raw: Option<RawFields>,
     framing: Framing,
     /// The upstream keeps the connection open after this answer.
     reusable: bool,
@@ -338,6 +332,7 @@ impl Head {
             state,
             reusable: self.reusable,
             trailer_bytes: 0,
+            raw: self.raw,
         };
         if body.state == State::Done {
             body.finish();
@@ -555,9 +550,20 @@ pub struct ResponseBody {
     state: State,
     reusable: bool,
     trailer_bytes: usize,
+    /// The answer's fields as they came, until the writer of the answer
+    /// takes them (they travel with the body, which every path hands on
+    /// whole, rather than in the response's extensions, which allocate).
+    raw: Option<RawFields>,
 }
 
 impl ResponseBody {
+    /// The answer's fields as they came, if they were kept that way and not
+    /// taken yet. Whoever writes the answer must take them: the response's
+    /// `HeaderMap` holds none of them.
+    pub fn take_raw_fields(&mut self) -> Option<RawFields> {
+        self.raw.take()
+    }
+
     /// The body ended where its framing says: hand the connection back if
     /// nothing follows it.
     fn finish(&mut self) {
@@ -715,27 +721,24 @@ mod tests {
         assert!(decode_all(trailers.as_bytes(), &[]).is_err());
     }
 
-    /// The framing of a head with `fields`, and which fields it keeps.
+    /// The framing of a head with `fields`.
     fn framing_of(
         method: &Method,
         status: StatusCode,
         fields: &[(&str, &str)],
-    ) -> Result<(Framing, Vec<String>), GatewayError> {
+    ) -> Result<Framing, GatewayError> {
         let mut noted = Fields::default();
-        let mut kept = Vec::new();
         for (n, v) in fields {
-            if noted.note(n.as_bytes(), v.as_bytes())? {
-                kept.push(n.to_string());
-            }
+            noted.note(field_kind(n.as_bytes()), v.as_bytes())?;
         }
-        Ok((noted.framing(method, status)?, kept))
+        noted.framing(method, status)
     }
 
     #[test]
     fn framing_follows_rfc_9112() {
         let get = Method::GET;
         let ok = StatusCode::OK;
-        let f = |m: &Method, s: StatusCode, h: &[(&str, &str)]| framing_of(m, s, h).map(|r| r.0);
+        let f = framing_of;
         let head = f(&Method::HEAD, ok, &[("content-length", "5")]);
         assert_eq!(head.unwrap(), Framing::Empty);
         assert_eq!(
@@ -764,22 +767,21 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_fields_stay_out_unless_connection_names_others() {
-        let ok = StatusCode::OK;
-        let fields = [
-            ("Connection", "keep-alive"),
-            ("Keep-Alive", "timeout=5"),
-            ("Transfer-Encoding", "chunked"),
-            ("x-kept", "1"),
-        ];
-        let (_, kept) = framing_of(&Method::GET, ok, &fields).unwrap();
-        assert_eq!(kept, ["x-kept"]);
-        // Connection naming a field: kept, for strip_hop_by_hop to remove both.
-        let (_, kept) = framing_of(&Method::GET, ok, &[("connection", "close, x-secret")]).unwrap();
-        assert_eq!(kept, ["connection"]);
+    fn connection_naming_other_fields_is_noted() {
         let mut noted = Fields::default();
-        noted.note(b"connection", b"Keep-Alive, Close").unwrap();
-        assert!(noted.close);
+        noted
+            .note(field_kind(b"Connection"), b"keep-alive")
+            .unwrap();
+        noted.note(field_kind(b"Keep-Alive"), b"timeout=5").unwrap();
+        assert!(!noted.close && !noted.lists_others);
+        noted
+            .note(field_kind(b"connection"), b"Keep-Alive, Close")
+            .unwrap();
+        assert!(noted.close && !noted.lists_others);
+        noted
+            .note(field_kind(b"connection"), b" , x-secret")
+            .unwrap();
+        assert!(noted.lists_others);
     }
 
     #[test]

@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::body::{ClientBody, ProxyBody};
+use super::headers::RawFields;
 use super::{ConnInfo, Gateway};
 
 /// The most header fields this path reads; with a larger `max_headers` every
@@ -291,7 +292,15 @@ where
 {
     let (parts, mut body) = resp.into_parts();
     out.clear();
-    let framing = encode_head(out, &parts, body.size_hint().exact(), is_head, keep_alive);
+    let raw = body.take_raw_fields();
+    let framing = encode_head(
+        out,
+        &parts,
+        raw.as_ref(),
+        body.size_hint().exact(),
+        is_head,
+        keep_alive,
+    );
     if framing == Framing::None {
         // Read what is already there, so an upstream body that is at its
         // end hands its connection back to the pool.
@@ -359,10 +368,13 @@ where
 }
 
 /// The status line and header fields, with `Date`, the framing fields and
-/// `Connection: close` as hyper would write them.
+/// `Connection: close` as hyper would write them. `raw`: the upstream's
+/// end-to-end fields, written first, less those keygate sets itself (in
+/// `parts`).
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
+    raw: Option<&RawFields>,
     exact: Option<u64>,
     is_head: bool,
     keep_alive: bool,
@@ -379,6 +391,12 @@ fn encode_head(
         || status == StatusCode::NOT_MODIFIED;
     let mut declared: Option<u64> = None;
     let mut has_date = false;
+    let mut raw_length = false;
+    if let Some(raw) = raw {
+        raw.write(out, &parts.headers);
+        has_date = raw.has_date();
+        raw_length = raw.has_length();
+    }
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
             continue; // framing and connection are this hop's
@@ -409,7 +427,8 @@ fn encode_head(
         Framing::Chunked => field(out, b"transfer-encoding", b"chunked"),
         Framing::None => {
             // A HEAD answer of keygate's own states its body's length.
-            if let (true, None, Some(len @ 1..)) = (is_head, declared, exact) {
+            let stated = declared.is_some() || raw_length;
+            if let (true, false, Some(len @ 1..)) = (is_head, stated, exact) {
                 field(out, b"content-length", n.format(len).as_bytes());
             }
         }
@@ -631,6 +650,7 @@ mod tests {
         let framing = encode_head(
             &mut out,
             &parts,
+            None,
             body.size_hint().exact(),
             is_head,
             keep_alive,
@@ -674,6 +694,39 @@ mod tests {
         assert_eq!(f, Framing::None);
     }
 
+    /// An upstream's fields as keygate's own client keeps them.
+    const RAW: &[u8] = b"Server: up\r\nDate: Thu, 03 Dec 2026 10:00:00 GMT\r\n\
+        Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n\
+        Trailer: x\r\nUpgrade: h2c\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\
+        Content-Length: 5\r\nX-Request-Id: upstream\r\nSet-Cookie: a=1\r\nset-cookie:b=2 \n\r\n";
+
+    fn raw_head(is_head: bool) -> String {
+        let mut resp = Response::new(ProxyBody::full(Bytes::from_static(b"hello")));
+        resp.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("kg"));
+        let (parts, body) = resp.into_parts();
+        let raw = RawFields::from_lines(RAW, is_head);
+        let mut out = Vec::new();
+        let exact = body.size_hint().exact();
+        encode_head(&mut out, &parts, Some(&raw), exact, is_head, true);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn raw_upstream_fields_pass_less_this_hops_and_keygates() {
+        assert_eq!(
+            raw_head(false),
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 03 Dec 2026 10:00:00 GMT\r\n\
+             Set-Cookie: a=1\r\nset-cookie: b=2\r\nx-request-id: kg\r\ncontent-length: 5\r\n\r\n"
+        );
+        // Without a body, the upstream's length is the one stated.
+        assert_eq!(
+            raw_head(true),
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 03 Dec 2026 10:00:00 GMT\r\n\
+             Content-Length: 5\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nx-request-id: kg\r\n\r\n"
+        );
+    }
+
     #[tokio::test]
     async fn bodies_are_written_as_framed() {
         let mut wire = Vec::new();
@@ -691,7 +744,7 @@ mod tests {
         let (parts, _) = Response::new(()).into_parts();
         let mut head = Vec::new();
         assert_eq!(
-            encode_head(&mut head, &parts, None, false, true),
+            encode_head(&mut head, &parts, None, None, false, true),
             Framing::Chunked
         );
         let text = String::from_utf8(head).unwrap();

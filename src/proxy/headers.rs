@@ -152,6 +152,226 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::TRANSFER_ENCODING || HOP_BY_HOP.iter().any(|h| h == name)
 }
 
+/// What a response field is to the hop that passes it on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// Hop-by-hop, and read by the hop that receives it.
+    Connection,
+    /// Hop-by-hop framing.
+    TransferEncoding,
+    /// The other hop-by-hop fields (RFC 9110 section 7.6.1 and the legacy
+    /// ones): never passed on.
+    HopByHop,
+    /// `Content-Length`: framing, passed on only where there is no body.
+    ContentLength,
+    Date,
+    /// One keygate sets on every answer it proxies (`X-Request-Id`, and
+    /// the `RateLimit` fields once the rate-limit stage ran), replacing the
+    /// upstream's.
+    SetByKeygate,
+    Other,
+}
+
+impl FieldKind {
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            FieldKind::Connection | FieldKind::TransferEncoding | FieldKind::HopByHop
+        )
+    }
+}
+
+/// The kind of the field named `name` (any case), by length first: a
+/// response carries a handful of fields, and most differ in length from
+/// every name that needs a closer look.
+pub fn field_kind(name: &[u8]) -> FieldKind {
+    let is = |n: &[u8]| is_lowercase_of(name, n);
+    match name.len() {
+        2 if is(b"te") => FieldKind::HopByHop,
+        4 if is(b"date") => FieldKind::Date,
+        7 if is(b"trailer") || is(b"upgrade") => FieldKind::HopByHop,
+        9 if is(b"ratelimit") => FieldKind::SetByKeygate,
+        10 if is(b"connection") => FieldKind::Connection,
+        10 if is(b"keep-alive") => FieldKind::HopByHop,
+        12 if is(b"x-request-id") => FieldKind::SetByKeygate,
+        14 if is(b"content-length") => FieldKind::ContentLength,
+        16 if is(b"proxy-connection") => FieldKind::HopByHop,
+        16 if is(b"ratelimit-policy") => FieldKind::SetByKeygate,
+        17 if is(b"transfer-encoding") => FieldKind::TransferEncoding,
+        18 if is(b"proxy-authenticate") => FieldKind::HopByHop,
+        19 if is(b"proxy-authorization") => FieldKind::HopByHop,
+        _ => FieldKind::Other,
+    }
+}
+
+/// Whether the field name `name` is `lower` in any case, eight bytes at a
+/// time. `lower` holds only lowercase letters and `-`; setting bit 0x20 of
+/// a token character gives one of those only if it is that letter in either
+/// case, or `-` itself.
+fn is_lowercase_of(name: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    if name.len() != lower.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| {
+        let mut w = [0u8; 8];
+        let n = (s.len() - at).min(8);
+        w[..n].copy_from_slice(&s[at..at + n]);
+        u64::from_le_bytes(w)
+    };
+    (0..name.len())
+        .step_by(8)
+        .all(|at| word(name, at) | CASE == word(lower, at) | CASE)
+}
+
+/// An upstream answer's end-to-end fields, as `name: value` lines ready to
+/// be written: keygate's own HTTP/1 path copies them to the client in one go
+/// ([`super::h1`]) instead of building a `HeaderMap` and writing it out
+/// again; a writer that only knows the map gets them there
+/// ([`RawFields::into_map`]). Names and values were checked by `httparse`
+/// (token names, no control bytes in values, no line folding).
+///
+/// Only for heads whose `Connection` names no other fields, so that what is
+/// left out depends on each field's name alone ([`field_kind`]): hop-by-hop
+/// fields, and `Content-Length` unless the answer has no body (a HEAD
+/// answer states the length of what a GET would get).
+#[derive(Clone)]
+pub struct RawFields {
+    lines: bytes::Bytes,
+    date: bool,
+    length: bool,
+    set_by_keygate: bool,
+}
+
+/// Collects [`RawFields`] while a head is parsed.
+pub struct RawFieldsBuilder {
+    lines: bytes::BytesMut,
+    bodiless: bool,
+    date: bool,
+    length: bool,
+    set_by_keygate: bool,
+}
+
+impl RawFieldsBuilder {
+    /// For a head of at most `capacity` bytes; `bodiless`: the answer has no
+    /// body (to HEAD, or 1xx, 204, 304).
+    pub fn new(capacity: usize, bodiless: bool) -> RawFieldsBuilder {
+        RawFieldsBuilder {
+            lines: bytes::BytesMut::with_capacity(capacity),
+            bodiless,
+            date: false,
+            length: false,
+            set_by_keygate: false,
+        }
+    }
+
+    /// Adds the field `name` of [`field_kind`] `kind`, unless it stays out.
+    pub fn push(&mut self, name: &[u8], value: &[u8], kind: FieldKind) {
+        match kind {
+            FieldKind::Connection | FieldKind::TransferEncoding | FieldKind::HopByHop => return,
+            FieldKind::ContentLength if !self.bodiless => return,
+            FieldKind::ContentLength => self.length = true,
+            FieldKind::Date => self.date = true,
+            FieldKind::SetByKeygate => self.set_by_keygate = true,
+            FieldKind::Other => {}
+        }
+        for part in [name, b": ", value, b"\r\n"] {
+            self.lines.extend_from_slice(part);
+        }
+    }
+
+    pub fn finish(self) -> RawFields {
+        RawFields {
+            lines: self.lines.freeze(),
+            date: self.date,
+            length: self.length,
+            set_by_keygate: self.set_by_keygate,
+        }
+    }
+}
+
+impl RawFields {
+    /// The fields of `lines` (`name: value` lines, as a head has them),
+    /// collected as the client collects a parsed head's.
+    #[cfg(test)]
+    pub fn from_lines(lines: &[u8], bodiless: bool) -> RawFields {
+        let mut b = RawFieldsBuilder::new(lines.len(), bodiless);
+        for line in lines.split(|&c| c == b'\n') {
+            if let Some(colon) = line.iter().position(|&c| c == b':') {
+                let name = &line[..colon];
+                b.push(name, line[colon + 1..].trim_ascii(), field_kind(name));
+            }
+        }
+        b.finish()
+    }
+
+    /// Whether the fields include `Date`.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// Whether the fields include `Content-Length` (only a bodiless answer's).
+    pub fn has_length(&self) -> bool {
+        self.length
+    }
+
+    /// Appends the fields to a head being written, less those `own` has
+    /// (keygate's own answer fields replace the upstream's).
+    pub fn write(&self, out: &mut Vec<u8>, own: &HeaderMap) {
+        // No name is in both when `own` holds only names keygate sets on
+        // answers and these fields hold none of them: the common case, one
+        // copy.
+        let own_known = own
+            .keys()
+            .all(|k| field_kind(k.as_str().as_bytes()) == FieldKind::SetByKeygate);
+        if own_known && !self.set_by_keygate {
+            out.extend_from_slice(&self.lines);
+            return;
+        }
+        for (name, value) in self.iter() {
+            let replaced = own
+                .keys()
+                .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name));
+            if !replaced {
+                for part in [name, b": ", value, b"\r\n"] {
+                    out.extend_from_slice(part);
+                }
+            }
+        }
+    }
+
+    /// Every field as `(name, value)`, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines.split(|&b| b == b'\n').filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            Some((&line[..colon], line[colon + 1..].trim_ascii()))
+        })
+    }
+
+    /// Puts the fields into `headers`, less those it already has (keygate's
+    /// own answer fields replace the upstream's).
+    pub fn into_map(self, headers: &mut HeaderMap) {
+        let own: Vec<HeaderName> = headers.keys().cloned().collect();
+        for (name, value) in self.iter() {
+            let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            else {
+                continue; // cannot happen: httparse checked both
+            };
+            if !own.contains(&name) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
+
+/// Not the fields: an answer's head is the upstream's business.
+impl std::fmt::Debug for RawFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawFields({} bytes)", self.lines.len())
+    }
+}
+
 /// Removes every `X-Keygate-*` header (clients must not forge identity).
 pub fn strip_keygate_headers(headers: &mut HeaderMap) {
     let forged: Vec<HeaderName> = headers
@@ -228,6 +448,66 @@ fn join_existing(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_fields_go_into_a_map_less_hop_by_hop_and_those_it_has() {
+        let raw = b"Server: up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+            Transfer-Encoding: chunked\r\nProxy-Connection: x\r\nX-Request-Id: upstream\r\n\
+            Set-Cookie: a=1\r\nSet-Cookie:b=2\t\r\nEmpty:\r\n\r\n";
+        let mut headers = map(&[("x-request-id", "kg")]);
+        RawFields::from_lines(raw, false).into_map(&mut headers);
+        let got: Vec<String> = headers
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "x-request-id=kg",
+                "server=up",
+                "set-cookie=a=1",
+                "set-cookie=b=2",
+                "empty="
+            ]
+        );
+    }
+
+    #[test]
+    fn field_kinds_ignore_case() {
+        for hop in [
+            "Connection",
+            "KEEP-ALIVE",
+            "proxy-connection",
+            "Proxy-Authenticate",
+            "proxy-authorization",
+            "TE",
+            "Trailer",
+            "upgrade",
+            "Transfer-Encoding",
+        ] {
+            assert!(field_kind(hop.as_bytes()).is_hop_by_hop(), "{hop}");
+        }
+        assert_eq!(field_kind(b"Content-Length"), FieldKind::ContentLength);
+        assert_eq!(field_kind(b"DATE"), FieldKind::Date);
+        assert_eq!(field_kind(b"X-Request-ID"), FieldKind::SetByKeygate);
+        assert_eq!(field_kind(b"Connection"), FieldKind::Connection);
+        // Token characters one bit away from a letter or `-` are not taken
+        // for it.
+        for other in [
+            "tes",
+            "Trailers",
+            "connections",
+            "x-upgrade",
+            "Server",
+            "",
+            "d@te",
+            "content_length",
+            "^e",
+            "x-request-i^",
+        ] {
+            assert_eq!(field_kind(other.as_bytes()), FieldKind::Other, "{other}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

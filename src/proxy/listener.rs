@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{ClientBody, ProxyBody};
+use super::body::{self, ClientBody, ProxyBody};
 use super::framing::{FramingGuard, Verdicts};
 use super::{ConnInfo, Gateway, h1};
 use crate::config::{LimitsConfig, TlsConfig};
@@ -232,7 +232,9 @@ impl Connection {
                     return Ok(too_many_fields());
                 }
                 let req = req.map(ClientBody::Hyper);
-                Ok::<_, Infallible>(gateway.handle(req, &conn).await)
+                let mut resp = gateway.handle(req, &conn).await;
+                body::raw_fields_into_map(&mut resp);
+                Ok::<_, Infallible>(resp)
             }
         });
         let io = FramingGuard::new(io, limits.max_head_bytes, verdicts);
