@@ -4,7 +4,7 @@
 //! Run: `cargo bench --bench memory`. Target: RSS with 1M keys cached
 //! <= 300 MB. Not a criterion bench: it reads resident memory (`VmRSS` and
 //! `VmHWM` in `/proc/self/status`) at each stage, with the allocator the
-//! `keygate` binary runs with (mimalloc, src/main.rs). Each measurement runs
+//! `keygate` binary runs with (mimalloc and its settings, src/allocator.rs). Each measurement runs
 //! in a process of its own (this binary, started with a phase argument), so
 //! that memory one phase freed (and the allocator kept) cannot hide what the
 //! next one takes:
@@ -51,10 +51,10 @@ use keygate::store::metered::MeteredStore;
 use keygate::store::{Event, EventType, SharedStore};
 use sha2::{Digest, Sha256};
 
-// The allocator the keygate binary runs with (src/main.rs): allocators differ
+// The allocator the keygate binary runs with (src/allocator.rs): allocators differ
 // in how much of what they hold stays resident.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../src/allocator.rs"]
+mod allocator;
 
 const PREFIX: &str = "kg_";
 const DEFAULT_KEYS: usize = 1_000_000;

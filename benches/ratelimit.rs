@@ -18,10 +18,10 @@ use keygate::config::IpNet;
 use keygate::keys::{KeyId, RateLimitSpec};
 use keygate::ratelimit::{LocalLimiter, RateLimits, Scope, SharedLimiter, client_ip};
 
-// The allocator keygate runs with (src/main.rs): a `RateLimit` value outside
+// The allocator keygate runs with (src/allocator.rs): a `RateLimit` value outside
 // the table is one small allocation.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../src/allocator.rs"]
+mod allocator;
 
 /// A typical key limit. With 10 000 keys checked in turn each key comes back
 /// every few milliseconds and has earned a cell by then: the allowed path is
