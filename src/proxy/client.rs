@@ -300,10 +300,7 @@ impl Fields {
 /// Whether the answer to `method` with `status` has no body, whatever its
 /// fields say.
 fn bodiless(method: &Method, status: StatusCode) -> bool {
-    method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
+    framing::bodiless(method == Method::HEAD, status)
 }
 
 /// A final response head.

@@ -229,6 +229,15 @@ fn after_head(head: &[u8]) -> (bool, State) {
     (false, next)
 }
 
+/// Whether an answer with `status`, to a HEAD request or not, has no body
+/// whatever its fields say (RFC 9112 section 6.3).
+pub fn bodiless(is_head: bool, status: http::StatusCode) -> bool {
+    is_head
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+}
+
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`, which
 /// makes the body chunked (RFC 9112 section 6.3).
 pub fn ends_in_chunked(value: &[u8]) -> bool {

@@ -34,14 +34,15 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::body::{ClientBody, ProxyBody};
-use super::headers::RawFields;
+use super::framing;
+use super::headers::{RawFields, put_field};
 use super::{ConnInfo, Gateway};
 
 /// The most header fields this path reads; with a larger `max_headers` every
@@ -385,10 +386,7 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let no_body = is_head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let no_body = framing::bodiless(is_head, status);
     let mut declared: Option<u64> = None;
     let mut has_date = false;
     let mut raw_length = false;
@@ -408,13 +406,13 @@ fn encode_head(
             }
         }
         has_date |= name == header::DATE;
-        field(out, name.as_str().as_bytes(), value.as_bytes());
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !has_date {
-        DATE.with(|d| field(out, b"date", &d.now()));
+        DATE.with(|d| put_field(out, b"date", &d.now()));
     }
     if !keep_alive {
-        field(out, b"connection", b"close");
+        put_field(out, b"connection", b"close");
     }
     let framing = match (no_body, exact.or(declared)) {
         (true, _) => Framing::None,
@@ -423,25 +421,18 @@ fn encode_head(
     };
     let mut n = itoa::Buffer::new();
     match framing {
-        Framing::Length(len) => field(out, b"content-length", n.format(len).as_bytes()),
-        Framing::Chunked => field(out, b"transfer-encoding", b"chunked"),
+        Framing::Length(len) => put_field(out, b"content-length", n.format(len).as_bytes()),
+        Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
         Framing::None => {
             // A HEAD answer of keygate's own states its body's length.
             let stated = declared.is_some() || raw_length;
             if let (true, false, Some(len @ 1..)) = (is_head, stated, exact) {
-                field(out, b"content-length", n.format(len).as_bytes());
+                put_field(out, b"content-length", n.format(len).as_bytes());
             }
         }
     }
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes `a` then `b` with as few writes as the stream takes.
@@ -552,6 +543,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::StatusCode;
 
     fn parsed(head: &str) -> (Parsed, Vec<Field>) {
         let mut fields = Vec::new();

@@ -149,7 +149,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TRANSFER_ENCODING || HOP_BY_HOP.iter().any(|h| h == name)
+    field_kind(name.as_str().as_bytes()).is_hop_by_hop()
 }
 
 /// What a response field is to the hop that passes it on.
@@ -224,6 +224,13 @@ fn is_lowercase_of(name: &[u8], lower: &[u8]) -> bool {
         .all(|at| word(name, at) | CASE == word(lower, at) | CASE)
 }
 
+/// Appends one field line, `name: value` and CRLF, to a head being written.
+pub fn put_field(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
+    for part in [name, b": ", value, b"\r\n"] {
+        out.put_slice(part);
+    }
+}
+
 /// An upstream answer's end-to-end fields, as `name: value` lines ready to
 /// be written: keygate's own HTTP/1 path copies them to the client in one go
 /// ([`super::h1`]) instead of building a `HeaderMap` and writing it out
@@ -275,9 +282,7 @@ impl RawFieldsBuilder {
             FieldKind::SetByKeygate => self.set_by_keygate = true,
             FieldKind::Other => {}
         }
-        for part in [name, b": ", value, b"\r\n"] {
-            self.lines.extend_from_slice(part);
-        }
+        put_field(&mut self.lines, name, value);
     }
 
     pub fn finish(self) -> RawFields {
@@ -333,9 +338,7 @@ impl RawFields {
                 .keys()
                 .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name));
             if !replaced {
-                for part in [name, b": ", value, b"\r\n"] {
-                    out.extend_from_slice(part);
-                }
+                put_field(out, name, value);
             }
         }
     }
@@ -470,6 +473,13 @@ mod tests {
                 "empty="
             ]
         );
+    }
+
+    #[test]
+    fn the_names_strip_hop_by_hop_removes_are_the_hop_by_hop_kinds() {
+        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
     }
 
     #[test]
