@@ -92,10 +92,25 @@ impl Upstream {
         }
     }
 
-    /// An address where nothing listens (bound, then closed).
+    /// An address where nothing listens, so a connection to it is refused.
+    ///
+    /// The port stays bound (without `listen`, and without `SO_REUSEADDR`)
+    /// until the test process ends: a port that was bound and closed again
+    /// can be handed to the next listener on `127.0.0.1:0`, such as another
+    /// test's gateway, which then answers in the dead upstream's place.
     pub fn refused() -> SocketAddr {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-        l.local_addr().expect("probe address")
+        static HELD: Mutex<Vec<socket2::Socket>> = Mutex::new(Vec::new());
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("create a probe socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("loopback address");
+        socket.bind(&any.into()).expect("bind a probe port");
+        let addr = socket
+            .local_addr()
+            .expect("probe address")
+            .as_socket()
+            .expect("an IP address");
+        HELD.lock().expect("held ports lock").push(socket);
+        addr
     }
 
     pub fn addr(&self) -> SocketAddr {
