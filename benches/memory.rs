@@ -164,7 +164,7 @@ fn load(path: &Path, n: usize) {
                     let rec = record(i, now);
                     let event = Event::new(
                         EventType::KeyCreated,
-                        Some(rec.id.clone()),
+                        Some(rec.id),
                         "admin",
                         now,
                         serde_json::json!({"name": rec.name, "owner": rec.owner}),
@@ -422,7 +422,7 @@ fn limiter_phase(rt: &tokio::runtime::Runtime, n: usize) {
     let allowed = rt.block_on(async {
         let mut allowed = 0;
         for id in &ids {
-            let spec = if id.as_str().ends_with('0') {
+            let spec = if id.text().ends_with('0') {
                 RateLimitSpec {
                     per_second: 100,
                     burst: 200,

@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
     let rec = record(&token);
     let event = Event::new(
         EventType::KeyCreated,
-        Some(rec.id.clone()),
+        Some(rec.id),
         "bench",
         Utc::now(),
         serde_json::json!({}),

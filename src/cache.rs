@@ -19,8 +19,8 @@
 //! flight and an invalidation: a load that saw the generation move re-reads.
 //!
 //! Memory (issue 9; BENCHMARKS.md, `cargo bench --bench memory`): a cached
-//! key costs about 250 bytes all told (it cost 2,100 with moka and the whole
-//! record), so a million fit in 300 MB. The map is
+//! key costs about 220 bytes all told (it cost 2,100 with moka and the whole
+//! record), so a million fit in 260 MB with the embedded store. The map is
 //! [`quick_cache`] (CLOCK-PRO eviction over a slab: about 80 bytes of
 //! bookkeeping per entry, where moka's deques, timer wheel and per-entry
 //! `Arc`s cost about 300), and a cached key holds only what a request reads:
@@ -174,7 +174,7 @@ impl CachedKey {
 
     /// `X-Keygate-Key-Id`.
     pub fn key_id_header(&self) -> HeaderValue {
-        header_value(self.id.as_str())
+        header_value(self.id.text().as_str())
     }
 
     /// `X-Keygate-Key-Name` (see [`text_header`]).
@@ -852,7 +852,7 @@ mod tests {
         let rec = KeyRecord::issue(&token, "kg_", "k", "o", "test", chrono::Utc::now());
         let event = crate::store::Event::new(
             crate::store::EventType::KeyCreated,
-            Some(rec.id.clone()),
+            Some(rec.id),
             "test",
             chrono::Utc::now(),
             serde_json::Value::Null,
@@ -923,7 +923,7 @@ mod tests {
         let key = CachedKey::new(rec.clone(), &token.hash(), sets.get(&rec.scopes), 0);
         assert_eq!(key.id(), &rec.id);
         assert_eq!(key.owner(), "équipe\r\n");
-        assert_eq!(key.key_id_header(), rec.id.as_str());
+        assert_eq!(key.key_id_header(), rec.id.text().as_str());
         assert_eq!(key.name_header(), text_header(&rec.name));
         assert_eq!(key.name_header(), "na%C3%AFve 100%25");
         assert_eq!(key.owner_header(), text_header(&rec.owner));

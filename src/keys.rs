@@ -213,36 +213,88 @@ fn next_ulid(last: ulid::Ulid, fresh: ulid::Ulid) -> ulid::Ulid {
 }
 
 /// A key's public identifier: `key_` followed by a ULID.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct KeyId(Arc<str>);
+///
+/// Held as the ULID's 16 bytes (big-endian, so their order is the text's),
+/// not as text: it is `Copy`, and costs a cached key 16 bytes instead of a
+/// 48-byte allocation of its own (a million cached keys: 48 MB; BENCHMARKS.md,
+/// memory). Bytes rather than a `u128`, whose 16-byte alignment would pad
+/// every struct and map entry holding an id. Its text is made on the stack
+/// when needed ([`KeyId::text`]). ULIDs are read in either case and written
+/// in upper case, so `key_01arz...` names the same key as `key_01ARZ...`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId([u8; 16]);
+
+/// The length of a key id's text: `key_` and 26 ULID characters.
+const KEY_ID_LEN: usize = 4 + ulid::ULID_LEN;
 
 impl KeyId {
     pub fn generate() -> KeyId {
-        KeyId(format!("key_{}", KEY_IDS.at(None)).into())
+        KeyId(KEY_IDS.at(None).to_bytes())
     }
 
     /// Parses a key id as found in a URL; `None` if it is not `key_<ULID>`.
+    /// Only the id's own text in either case is read: the ULID decoder also
+    /// takes Crockford's aliases (`I`, `L`, `O`) and drops the bits past 128
+    /// of a first character above `7`, which would give one key many names.
     pub fn parse(s: &str) -> Option<KeyId> {
         let ulid = s.strip_prefix("key_")?;
-        ulid::Ulid::from_string(ulid).ok()?;
-        Some(KeyId(s.into()))
+        let id = KeyId(ulid::Ulid::from_string(ulid).ok()?.to_bytes());
+        id.text().eq_ignore_ascii_case(s).then_some(id)
     }
 
+    /// The id's text, `key_<ULID>`.
+    pub fn text(&self) -> KeyIdText {
+        let mut text = [0u8; KEY_ID_LEN];
+        text[..4].copy_from_slice(b"key_");
+        let ulid: &mut [u8; ulid::ULID_LEN] = (&mut text[4..])
+            .try_into()
+            .expect("a key id's text has room for a ULID");
+        ulid::Ulid::from_bytes(self.0).array_to_str(ulid);
+        KeyIdText(text)
+    }
+}
+
+/// A key id's text on the stack (see [`KeyId::text`]); reads as a `str`.
+#[derive(Clone, Copy)]
+pub struct KeyIdText([u8; KEY_ID_LEN]);
+
+impl KeyIdText {
     pub fn as_str(&self) -> &str {
-        &self.0
+        // `key_` and Crockford base32: ASCII by construction.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for KeyIdText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
     }
 }
 
 impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text())
     }
 }
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text())
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        KeyId::parse(&s).ok_or_else(|| serde::de::Error::custom("invalid key id (not key_<ULID>)"))
     }
 }
 
@@ -509,7 +561,7 @@ impl KeyRecord {
     /// The public JSON form of this record at `now`.
     pub fn view(&self, now: DateTime<Utc>) -> KeyView {
         KeyView {
-            id: self.id.clone(),
+            id: self.id,
             name: self.name.clone(),
             description: self.description.clone(),
             owner: self.owner.clone(),
@@ -710,9 +762,38 @@ mod tests {
     #[test]
     fn key_ids_parse_only_their_own_shape() {
         let id = KeyId::generate();
-        assert_eq!(KeyId::parse(id.as_str()), Some(id));
+        assert_eq!(KeyId::parse(id.text().as_str()), Some(id));
         assert_eq!(KeyId::parse("key_nope"), None);
         assert_eq!(KeyId::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV"), None);
+        // Past the largest ULID.
+        assert_eq!(KeyId::parse("key_8ZZZZZZZZZZZZZZZZZZZZZZZZZ"), None);
+        // Crockford's aliases of 1 and 0.
+        assert_eq!(KeyId::parse("key_0IARZ3NDEKTSV4RRFFQ69G5FAV"), None);
+        assert_eq!(KeyId::parse("key_01ARZ3NDEKTSV4RRFFQ69G5FAO"), None);
+    }
+
+    #[test]
+    fn key_ids_read_either_case_and_write_upper_case() {
+        let id = KeyId::parse("key_01arz3ndektsv4rrffq69g5fav").unwrap();
+        assert_eq!(id.text().as_str(), "key_01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        assert_eq!(id.to_string(), "key_01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        assert_eq!(format!("{id:?}"), "key_01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        assert_eq!(Some(id), KeyId::parse("key_01ARZ3NDEKTSV4RRFFQ69G5FAV"));
+    }
+
+    #[test]
+    fn key_ids_are_strings_in_json_and_order_as_their_text() {
+        let a = KeyId::parse("key_01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        let b = KeyId::parse("key_01BX5ZZKBKACTAV9WEVGEMMVRZ").unwrap();
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(json, "\"key_01ARZ3NDEKTSV4RRFFQ69G5FAV\"");
+        assert_eq!(serde_json::from_str::<KeyId>(&json).unwrap(), a);
+        let bad = serde_json::from_str::<KeyId>("\"key_nope\"").unwrap_err();
+        assert!(bad.to_string().contains("invalid key id"), "{bad}");
+        assert!(a < b && a.text().as_str() < b.text().as_str());
+        // No padding in what holds an id (a `u128` would align to 16).
+        assert_eq!(std::mem::size_of::<KeyId>(), 16);
+        assert_eq!(std::mem::align_of::<KeyId>(), 1);
     }
 
     #[test]

@@ -119,7 +119,7 @@ async fn demo_key(
     let details = serde_json::json!({ "name": name });
     let event = Event::new(
         EventType::KeyCreated,
-        Some(rec.id.clone()),
+        Some(rec.id),
         "quickstart",
         now,
         details,

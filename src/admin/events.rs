@@ -187,7 +187,7 @@ async fn event_owner(
         .await
         .map_err(|e| store_err(e, Some(id)))?;
     let owner = rec.map(|r| r.owner);
-    cache.insert(id.clone(), owner.clone());
+    cache.insert(*id, owner.clone());
     Ok(owner)
 }
 

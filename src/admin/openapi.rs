@@ -649,7 +649,7 @@ mod tests {
         );
         let ev = Event::new(
             EventType::KeyCreated,
-            Some(rec.id.clone()),
+            Some(rec.id),
             "ops",
             now,
             serde_json::json!({}),

@@ -60,13 +60,7 @@ pub fn key_event(
         _ => serde_json::Map::new(),
     };
     details.insert("owner".into(), Value::String(rec.owner.clone()));
-    Event::new(
-        kind,
-        Some(rec.id.clone()),
-        actor,
-        now,
-        Value::Object(details),
-    )
+    Event::new(kind, Some(rec.id), actor, now, Value::Object(details))
 }
 
 /// The key `id` if it exists and the caller may see it; otherwise 404.

@@ -103,13 +103,7 @@ fn key_event(kind: EventType, rec: &KeyRecord, now: DateTime<Utc>, extra: Value)
     };
     details.insert("owner".into(), Value::String(rec.owner.clone()));
     details.insert("expires_at".into(), json!(rec.expires_at));
-    Event::new(
-        kind,
-        Some(rec.id.clone()),
-        ACTOR,
-        now,
-        Value::Object(details),
-    )
+    Event::new(kind, Some(rec.id), ACTOR, now, Value::Object(details))
 }
 
 /// Scans keys from `resume` on and applies what is due, handing each recorded
@@ -131,7 +125,7 @@ pub async fn run(
     loop {
         let filter = ListFilter {
             limit: PAGE,
-            after: after.clone(),
+            after,
             ..ListFilter::default()
         };
         let page = store.list_keys(&filter, now).await?;
@@ -150,7 +144,7 @@ pub async fn run(
                     }
                     metrics::counter!("keygate_lifecycle_events_total", "type" => event.kind.as_str())
                         .increment(1);
-                    tracing::info!(key_id = %event.key_id.as_ref().map(KeyId::as_str).unwrap_or(""),
+                    tracing::info!(key_id = %event.key_id.as_ref().map(KeyId::text).as_deref().unwrap_or(""),
                         event = event.kind.as_str(), "lifecycle event recorded");
                     recorded(event, view);
                 }

@@ -161,7 +161,7 @@ impl Slot {
 
 fn delta(id: &KeyId, hour: i64, c: [u64; 3], last_used_at: Option<DateTime<Utc>>) -> UsageDelta {
     UsageDelta {
-        key_id: id.clone(),
+        key_id: *id,
         hour: DateTime::<Utc>::from_timestamp(hour, 0).unwrap_or_default(),
         counts: UsageCounts {
             allowed: c[0],
@@ -202,7 +202,7 @@ impl UsageRecorder {
             return;
         }
         self.slots
-            .entry(key.clone())
+            .entry(*key)
             .or_insert_with(|| Slot::new(hour))
             .add(hour, ms, outcome);
     }
@@ -288,7 +288,7 @@ impl UsageFlusher {
                 .iter()
                 .take(FLUSH_CHUNK)
                 .map(|((hour, id), p)| UsageDelta {
-                    key_id: id.clone(),
+                    key_id: *id,
                     hour: DateTime::<Utc>::from_timestamp(*hour, 0).unwrap_or_default(),
                     counts: p.counts.clone(),
                     last_used_at: p.last_used_at,

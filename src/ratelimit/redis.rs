@@ -278,8 +278,8 @@ impl SharedLimiter {
     /// The Redis name of a bucket.
     pub fn bucket_name(&self, scope: Scope<'_>, key: &KeyId) -> String {
         match scope {
-            Scope::Key => format!("{}k:{}", self.base, key.as_str()),
-            Scope::Route(route) => format!("{}r:{route}:{}", self.base, key.as_str()),
+            Scope::Key => format!("{}k:{}", self.base, key.text().as_str()),
+            Scope::Route(route) => format!("{}r:{route}:{}", self.base, key.text().as_str()),
         }
     }
 
@@ -293,7 +293,7 @@ impl SharedLimiter {
             Scope::Key => None,
             Scope::Route(r) => Some(r.clone()),
         };
-        let k = (route, key.clone());
+        let k = (route, *key);
         if let Some(l) = self.leases.get(&k) {
             return l.clone();
         }

@@ -212,7 +212,7 @@ fn merge_last_used(
     rec: &mut KeyRecord,
     last_used: &impl ReadableTable<&'static str, i64>,
 ) -> Result<(), StoreError> {
-    if let Some(ms) = last_used.get(rec.id.as_str())?.map(|g| g.value())
+    if let Some(ms) = last_used.get(rec.id.text().as_str())?.map(|g| g.value())
         && let Some(at) = DateTime::<Utc>::from_timestamp_millis(ms)
         && rec.last_used_at.is_none_or(|old| old < at)
     {
@@ -261,7 +261,7 @@ impl KeyStore for EmbeddedStore {
         self.write(move |txn| {
             let mut records = txn.open_table(RECORDS)?;
             let mut hashes = txn.open_table(HASHES)?;
-            if records.get(rec.id.as_str())?.is_some() {
+            if records.get(rec.id.text().as_str())?.is_some() {
                 return Err(StoreError::Duplicate);
             }
             for h in rec.all_hashes() {
@@ -279,12 +279,12 @@ impl KeyStore for EmbeddedStore {
                     limit: max_per_owner,
                 });
             }
-            records.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
+            records.insert(rec.id.text().as_str(), encode(&rec)?.as_slice())?;
             for h in rec.all_hashes() {
-                hashes.insert(h.0.as_slice(), rec.id.as_str())?;
+                hashes.insert(h.0.as_slice(), rec.id.text().as_str())?;
             }
             txn.open_table(OWNERS)?
-                .insert((rec.owner.as_str(), rec.id.as_str()), ())?;
+                .insert((rec.owner.as_str(), rec.id.text().as_str()), ())?;
             add_owner_count(txn, &rec.owner, 1)?;
             insert_event(txn, &event)
         })
@@ -307,8 +307,9 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn get_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let id = id.clone();
-        self.read(move |txn| load_merged(txn, id.as_str())).await
+        let id = *id;
+        self.read(move |txn| load_merged(txn, id.text().as_str()))
+            .await
     }
 
     async fn list_keys(
@@ -321,7 +322,8 @@ impl KeyStore for EmbeddedStore {
             let records = txn.open_table(RECORDS)?;
             let last_used = txn.open_table(LAST_USED)?;
             let mut out = Collector::new(filter.limit);
-            let after = filter.after.as_ref().map(|a| a.as_str());
+            let after = filter.after.as_ref().map(KeyId::text);
+            let after = after.as_deref();
             // Offers the stored record `json` (read within the budget), decoding
             // it whole only when it matches; whether the scan goes on.
             let offer = |out: &mut Collector<KeyRecord>, json: &[u8]| -> Result<bool, StoreError> {
@@ -360,7 +362,7 @@ impl KeyStore for EmbeddedStore {
                     }
                 }
             }
-            Ok(out.page(|r| r.id.as_str().to_owned()))
+            Ok(out.page(|r| r.id.text().as_str().to_owned()))
         })
         .await
     }
@@ -375,7 +377,7 @@ impl KeyStore for EmbeddedStore {
         let (stored, affected) = self
             .write(move |txn| {
                 let mut records = txn.open_table(RECORDS)?;
-                let Some(old) = load_record(&records, new.id.as_str())? else {
+                let Some(old) = load_record(&records, new.id.text().as_str())? else {
                     return Err(StoreError::NotFound);
                 };
                 if old.version != new.version {
@@ -389,7 +391,7 @@ impl KeyStore for EmbeddedStore {
                     if hashes.get(h.0.as_slice())?.is_some() {
                         return Err(StoreError::Duplicate);
                     }
-                    hashes.insert(h.0.as_slice(), new.id.as_str())?;
+                    hashes.insert(h.0.as_slice(), new.id.text().as_str())?;
                 }
                 for h in old_hashes.difference(&new_hashes) {
                     hashes.remove(h.0.as_slice())?;
@@ -398,12 +400,12 @@ impl KeyStore for EmbeddedStore {
                     // The owner is not editable through the API; keep the index
                     // right anyway if a caller changes it.
                     let mut owners = txn.open_table(OWNERS)?;
-                    owners.remove((old.owner.as_str(), old.id.as_str()))?;
-                    owners.insert((new.owner.as_str(), new.id.as_str()), ())?;
+                    owners.remove((old.owner.as_str(), old.id.text().as_str()))?;
+                    owners.insert((new.owner.as_str(), new.id.text().as_str()), ())?;
                     add_owner_count(txn, &old.owner, -1)?;
                     add_owner_count(txn, &new.owner, 1)?;
                 }
-                records.insert(new.id.as_str(), encode(&new)?.as_slice())?;
+                records.insert(new.id.text().as_str(), encode(&new)?.as_slice())?;
                 if let Some(event) = &event {
                     insert_event(txn, event)?;
                 }
@@ -417,34 +419,34 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn delete_key(&self, id: &KeyId, event: &Event) -> Result<Option<KeyRecord>, StoreError> {
-        let id = id.clone();
+        let id = *id;
         let event = event.clone();
         let deleted = self
             .write(move |txn| {
                 let mut records = txn.open_table(RECORDS)?;
-                let Some(mut rec) = load_record(&records, id.as_str())? else {
+                let Some(mut rec) = load_record(&records, id.text().as_str())? else {
                     return Ok(None);
                 };
-                records.remove(id.as_str())?;
+                records.remove(id.text().as_str())?;
                 let mut hashes = txn.open_table(HASHES)?;
                 for h in rec.all_hashes() {
                     let ours = hashes
                         .get(h.0.as_slice())?
-                        .is_some_and(|g| g.value() == id.as_str());
+                        .is_some_and(|g| g.value() == id.text().as_str());
                     if ours {
                         hashes.remove(h.0.as_slice())?;
                     }
                 }
                 txn.open_table(OWNERS)?
-                    .remove((rec.owner.as_str(), id.as_str()))?;
+                    .remove((rec.owner.as_str(), id.text().as_str()))?;
                 add_owner_count(txn, &rec.owner, -1)?;
-                txn.open_table(USAGE)?
-                    .retain_in((id.as_str(), i64::MIN)..=(id.as_str(), i64::MAX), |_, _| {
-                        false
-                    })?;
+                txn.open_table(USAGE)?.retain_in(
+                    (id.text().as_str(), i64::MIN)..=(id.text().as_str(), i64::MAX),
+                    |_, _| false,
+                )?;
                 let mut last_used = txn.open_table(LAST_USED)?;
                 merge_last_used(&mut rec, &last_used)?;
-                last_used.remove(id.as_str())?;
+                last_used.remove(id.text().as_str())?;
                 insert_event(txn, &event)?;
                 Ok(Some(rec))
             })
@@ -552,7 +554,8 @@ impl KeyStore for EmbeddedStore {
             let mut usage = txn.open_table(USAGE)?;
             let mut last_used = txn.open_table(LAST_USED)?;
             for d in &batch {
-                let id = d.key_id.as_str();
+                let id = d.key_id.text();
+                let id = id.as_str();
                 // A key deleted since the requests were counted: drop its usage
                 // rather than leave orphan rows behind.
                 if records.get(id)?.is_none() {
@@ -583,7 +586,7 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn usage(&self, id: &KeyId, since: DateTime<Utc>) -> Result<Vec<UsageHour>, StoreError> {
-        let id = id.clone();
+        let id = id.text();
         self.read(move |txn| {
             let usage = txn.open_table(USAGE)?;
             let from = (id.as_str(), hour_start(since));

@@ -180,7 +180,7 @@ impl ListFilter {
     pub fn matches(&self, rec: &KeyRecord, now: DateTime<Utc>) -> bool {
         self.matches_fields(
             &Listed {
-                id: rec.id.as_str(),
+                id: rec.id.text().as_str(),
                 name: &rec.name,
                 owner: &rec.owner,
                 has_scope: &|s| rec.scopes.iter().any(|x| x.as_str() == s),

@@ -567,7 +567,7 @@ impl KeyStore for RedisStore {
     ) -> Result<(), StoreError> {
         let k = &self.keys;
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(k.rec(rec.id.as_str()))
+        inv.key(k.rec(rec.id.text().as_str()))
             .key(k.ids())
             .key(k.owner(&rec.owner))
             .key(k.events())
@@ -576,7 +576,7 @@ impl KeyStore for RedisStore {
             inv.key(k.hash(h));
         }
         inv.arg(encode(rec)?)
-            .arg(rec.id.as_str())
+            .arg(rec.id.text().as_str())
             .arg(max_per_owner)
             .arg(&event.id)
             .arg(encode(event)?);
@@ -605,7 +605,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn get_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.load_raw(id.as_str()).await?.map(|(_, rec)| rec))
+        Ok(self.load_raw(id.text().as_str()).await?.map(|(_, rec)| rec))
     }
 
     async fn list_keys(
@@ -614,7 +614,8 @@ impl KeyStore for RedisStore {
         now: DateTime<Utc>,
     ) -> Result<Page<KeyRecord>, StoreError> {
         let mut out = Collector::new(filter.limit);
-        let after = filter.after.as_ref().map(|a| a.as_str());
+        let after = filter.after.as_ref().map(KeyId::text);
+        let after = after.as_deref();
         if let Some(owner) = &filter.owner {
             // At most `max_per_owner` (<= 1000) ids: fetch the set and sort it.
             let mut ids: Vec<String> = self
@@ -644,7 +645,7 @@ impl KeyStore for RedisStore {
                 cursor = Some(last);
             }
         }
-        Ok(out.page(|r| r.id.as_str().to_owned()))
+        Ok(out.page(|r| r.id.text().as_str().to_owned()))
     }
 
     async fn update_key(
@@ -652,7 +653,7 @@ impl KeyStore for RedisStore {
         rec: &KeyRecord,
         event: Option<&Event>,
     ) -> Result<KeyRecord, StoreError> {
-        let Some((stored_json, old)) = self.load_raw(rec.id.as_str()).await? else {
+        let Some((stored_json, old)) = self.load_raw(rec.id.text().as_str()).await? else {
             return Err(StoreError::NotFound);
         };
         if old.version != rec.version {
@@ -668,7 +669,7 @@ impl KeyStore for RedisStore {
 
         let k = &self.keys;
         let mut inv = self.scripts.update.prepare_invoke();
-        inv.key(k.rec(new.id.as_str()))
+        inv.key(k.rec(new.id.text().as_str()))
             .key(k.owner(&old.owner))
             .key(k.owner(&new.owner))
             .key(k.events())
@@ -685,7 +686,7 @@ impl KeyStore for RedisStore {
         };
         inv.arg(&stored_json)
             .arg(encode(&new)?)
-            .arg(new.id.as_str())
+            .arg(new.id.text().as_str())
             .arg(event_id)
             .arg(event_json)
             .arg(removed.len())
@@ -701,7 +702,7 @@ impl KeyStore for RedisStore {
             }
             // The stored JSON moved between our read and the script: either a
             // concurrent update (Conflict) or a delete (NotFound).
-            "CONFLICT" => match self.load_raw(rec.id.as_str()).await? {
+            "CONFLICT" => match self.load_raw(rec.id.text().as_str()).await? {
                 Some(_) => Err(StoreError::Conflict),
                 None => Err(StoreError::NotFound),
             },
@@ -715,15 +716,15 @@ impl KeyStore for RedisStore {
     async fn delete_key(&self, id: &KeyId, event: &Event) -> Result<Option<KeyRecord>, StoreError> {
         let k = &self.keys;
         for _ in 0..DELETE_ATTEMPTS {
-            let Some((stored_json, mut rec)) = self.load_raw(id.as_str()).await? else {
+            let Some((stored_json, mut rec)) = self.load_raw(id.text().as_str()).await? else {
                 return Ok(None);
             };
             let invalidation = Invalidation::Keys(rec.all_hashes().copied().collect());
             let mut inv = self.scripts.delete.prepare_invoke();
-            inv.key(k.rec(id.as_str()))
+            inv.key(k.rec(id.text().as_str()))
                 .key(k.ids())
                 .key(k.owner(&rec.owner))
-                .key(k.usage(id.as_str()))
+                .key(k.usage(id.text().as_str()))
                 .key(k.last_used())
                 .key(k.events())
                 .key(k.events_data());
@@ -731,7 +732,7 @@ impl KeyStore for RedisStore {
                 inv.key(k.hash(h));
             }
             inv.arg(&stored_json)
-                .arg(id.as_str())
+                .arg(id.text().as_str())
                 .arg(&event.id)
                 .arg(encode(event)?)
                 .arg(k.channel())
@@ -902,7 +903,8 @@ impl KeyStore for RedisStore {
             let mut inv = self.scripts.flush.prepare_invoke();
             inv.key(self.keys.last_used());
             for d in chunk {
-                let id = d.key_id.as_str();
+                let id = d.key_id.text();
+                let id = id.as_str();
                 inv.key(self.keys.rec(id)).key(self.keys.usage(id));
                 inv.arg(id)
                     .arg(hour_start(d.hour))
@@ -922,7 +924,7 @@ impl KeyStore for RedisStore {
     async fn usage(&self, id: &KeyId, since: DateTime<Utc>) -> Result<Vec<UsageHour>, StoreError> {
         let fields: HashMap<String, u64> = self
             .read(Req::Cmd(
-                redis::cmd("HGETALL").arg(self.keys.usage(id.as_str())),
+                redis::cmd("HGETALL").arg(self.keys.usage(id.text().as_str())),
             ))
             .await?;
         let from = hour_start(since);

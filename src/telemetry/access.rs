@@ -229,6 +229,7 @@ pub(super) fn write(redactor: &Redactor, head: &Head, done: &Done<'_>, elapsed: 
         .map_or(head.uri.path(), |pq| pq.as_str());
     let path = redactor.target(target);
     let key = done.exchange.key.as_deref();
+    let key_id = key.map(|k| k.id().text());
     let line = Line {
         request_id: done.request_id.and_then(|v| v.to_str().ok()),
         client: done.client,
@@ -237,7 +238,7 @@ pub(super) fn write(redactor: &Redactor, head: &Head, done: &Done<'_>, elapsed: 
         route: done.exchange.route.map(|r| &**r),
         status: done.status.as_u16(),
         code: done.error.map_or(UPSTREAM_CODE, |e| e.code()),
-        key_id: key.map(|k| k.id().as_str()),
+        key_id: key_id.as_deref(),
         owner: key.map(|k| k.owner()),
         upstream_status: done.exchange.upstream_status.map(|s| s.as_u16()),
         duration: elapsed,

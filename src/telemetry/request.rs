@@ -335,7 +335,7 @@ impl RequestTelemetry {
             let code = done.error.map_or(UPSTREAM_CODE, |e| CODES[code_slot(e)]);
             metrics::counter!(
                 KEY_REQUESTS,
-                "key_id" => key.id().as_str().to_owned(),
+                "key_id" => key.id().text().as_str().to_owned(),
                 "code" => code,
             )
             .increment(1);

@@ -1452,7 +1452,7 @@ async fn rotation_keeps_the_id_and_retires_the_old_secret_for_the_grace(backend:
         .unwrap()
         .unwrap();
     assert_eq!(
-        found.id.as_str(),
+        found.id.text().as_str(),
         id,
         "the old secret still finds its key during the grace"
     );
@@ -1668,7 +1668,7 @@ async fn bulk_filter_over_1000_keys_is_refused_whole(backend: Backend) {
         };
         let ev = Event::new(
             keygate::store::EventType::KeyCreated,
-            Some(rec.id.clone()),
+            Some(rec.id),
             "ops",
             now,
             json!({}),
@@ -2264,7 +2264,7 @@ mod list_100k {
                     let rec = record(i, now);
                     let ev = Event::new(
                         keygate::store::EventType::KeyCreated,
-                        Some(rec.id.clone()),
+                        Some(rec.id),
                         "ops",
                         now,
                         json!({"owner": rec.owner}),

@@ -253,13 +253,7 @@ fn record(now: DateTime<Utc>, expires_in: Option<TimeDelta>) -> KeyRecord {
 
 async fn create(store: &SharedStore, now: DateTime<Utc>, expires_in: Option<TimeDelta>) -> KeyId {
     let rec = record(now, expires_in);
-    let ev = Event::new(
-        EventType::KeyCreated,
-        Some(rec.id.clone()),
-        "ops",
-        now,
-        json!({}),
-    );
+    let ev = Event::new(EventType::KeyCreated, Some(rec.id), "ops", now, json!({}));
     store.create_key(&rec, 1000, &ev).await.expect("create key");
     rec.id
 }
@@ -332,10 +326,10 @@ async fn expiry_notice_is_sent_once_even_after_a_restart() {
     assert_eq!(hit.header("x-keygate-event"), "key.expiring");
     let body = hit.json();
     assert_eq!(body["type"], "key.expiring", "{body:#}");
-    assert_eq!(body["key_id"], soon.as_str(), "{body:#}");
+    assert_eq!(body["key_id"], soon.text().as_str(), "{body:#}");
     assert_eq!(body["actor"], "keygate", "{body:#}");
     assert!(body["id"].as_str().unwrap().starts_with("evt_"), "{body:#}");
-    assert_eq!(body["key"]["id"], soon.as_str(), "{body:#}");
+    assert_eq!(body["key"]["id"], soon.text().as_str(), "{body:#}");
     assert_eq!(body["key"]["status"], "active", "{body:#}");
     assert!(body["key"].get("token_hash").is_none(), "{body:#}");
     let notices = events_of(&store, EventType::KeyExpiring).await;
@@ -443,7 +437,7 @@ async fn expired_keys_are_marked_then_purged_after_the_window() {
     assert!(events_of(&store, EventType::KeyCreated).await.is_empty());
     let hits = receiver.wait_hits(2).await;
     assert_eq!(hits[1].header("x-keygate-event"), "key.purged");
-    assert_eq!(hits[1].json()["key_id"], id.as_str());
+    assert_eq!(hits[1].json()["key_id"], id.text().as_str());
     assert_eq!(lc.run_pass().await.unwrap().purged, 0);
     receiver.assert_stays_at(2).await;
     stop.cancel();
@@ -565,7 +559,10 @@ async fn webhooks_are_signed_and_retried_after_server_errors() {
     assert_eq!(body["type"], "key.revoked");
     assert_eq!(body["actor"], "ops");
     assert_eq!(body["details"]["reason"], "test");
-    assert_eq!(body["key_id"], sent.event.key_id.as_ref().unwrap().as_str());
+    assert_eq!(
+        body["key_id"],
+        sent.event.key_id.as_ref().unwrap().text().as_str()
+    );
     stop.cancel();
     task.await.unwrap();
 }

@@ -130,7 +130,7 @@ fn new_key(owner: &str, name: &str) -> KeyRecord {
 fn created(rec: &KeyRecord) -> Event {
     Event::new(
         EventType::KeyCreated,
-        Some(rec.id.clone()),
+        Some(rec.id),
         "test",
         Utc::now(),
         json!({}),
@@ -138,13 +138,7 @@ fn created(rec: &KeyRecord) -> Event {
 }
 
 fn event(kind: EventType, key: Option<&KeyRecord>) -> Event {
-    Event::new(
-        kind,
-        key.map(|r| r.id.clone()),
-        "test",
-        Utc::now(),
-        json!({}),
-    )
+    Event::new(kind, key.map(|r| r.id), "test", Utc::now(), json!({}))
 }
 
 /// Now, to the millisecond: the precision stores keep `last_used_at` in.
@@ -175,12 +169,12 @@ async fn list_all(store: &dyn KeyStore, filter: &ListFilter, now: DateTime<Utc>)
             "page over limit {}",
             filter.limit
         );
-        ids.extend(page.items.iter().map(|r| r.id.clone()));
+        ids.extend(page.items.iter().map(|r| r.id));
         match page.next {
             Some(next) => {
                 assert_eq!(
-                    Some(next.as_str()),
-                    page.items.last().map(|r| r.id.as_str()),
+                    Some(next.clone()),
+                    page.items.last().map(|r| r.id.to_string()),
                     "next must be the last returned id"
                 );
                 filter.after = Some(KeyId::parse(&next).expect("next is a key id"));
@@ -266,7 +260,7 @@ async fn create_and_read_back(h: Harness) {
 
     let evs = store
         .list_events(&EventFilter {
-            key_id: Some(rec.id.clone()),
+            key_id: Some(rec.id),
             limit: 10,
             ..Default::default()
         })
@@ -389,7 +383,7 @@ async fn pagination_has_no_duplicates_or_gaps(h: Harness) {
     for t in tasks {
         t.await.expect("create task");
     }
-    let mut expected: Vec<KeyId> = recs.iter().map(|r| r.id.clone()).collect();
+    let mut expected: Vec<KeyId> = recs.iter().map(|r| r.id).collect();
     expected.sort();
     let now = Utc::now();
 
@@ -456,8 +450,8 @@ async fn list_filters_agree_with_matches(h: Harness) {
         create(store, &rec).await;
         all.push(rec);
     }
-    all.sort_by(|a, b| a.id.cmp(&b.id));
-    let some_id = all[7].id.as_str()[10..16].to_lowercase();
+    all.sort_by_key(|a| a.id);
+    let some_id = all[7].id.text()[10..16].to_lowercase();
     let f = |build: fn(&mut ListFilter)| {
         let mut filter = ListFilter {
             limit: 3,
@@ -499,7 +493,7 @@ async fn list_filters_agree_with_matches(h: Harness) {
         let expected: Vec<KeyId> = all
             .iter()
             .filter(|r| filter.matches(r, now))
-            .map(|r| r.id.clone())
+            .map(|r| r.id)
             .collect();
         // Every filter but the unknown owner selects something (and not everything).
         if filter.owner.as_deref() != Some("nobody") {
@@ -549,7 +543,7 @@ async fn stale_version_conflicts(h: Harness) {
 
     let evs = store
         .list_events(&EventFilter {
-            key_id: Some(rec.id.clone()),
+            key_id: Some(rec.id),
             kind: Some(EventType::KeyUpdated),
             limit: 10,
             ..Default::default()
@@ -599,7 +593,7 @@ async fn rotation_reindexes_hashes(h: Harness) {
     );
     assert_eq!(
         store.get_by_hash(&new).await.unwrap().map(|r| r.id),
-        Some(rec.id.clone())
+        Some(rec.id)
     );
 
     // A hash held by another key cannot be taken over by an update.
@@ -637,7 +631,7 @@ async fn delete_removes_record_and_indexes(h: Harness) {
     let used = now_ms();
     store
         .flush_usage(&[UsageDelta {
-            key_id: rec.id.clone(),
+            key_id: rec.id,
             hour: used,
             counts: UsageCounts {
                 allowed: 3,
@@ -690,7 +684,7 @@ async fn delete_removes_record_and_indexes(h: Harness) {
     assert!(matches!(again, Ok(None)), "second delete: {again:?}");
     let evs = store
         .list_events(&EventFilter {
-            key_id: Some(rec.id.clone()),
+            key_id: Some(rec.id),
             kind: Some(EventType::KeyDeleted),
             limit: 10,
             ..Default::default()
@@ -724,7 +718,7 @@ async fn events_filter_page_and_prune(h: Harness) {
         let at = base + TimeDelta::minutes(i);
         let ev = Event::new(
             kinds[i as usize % 3],
-            Some(key.id.clone()),
+            Some(key.id),
             "ops",
             at,
             json!({"i": i}),
@@ -768,7 +762,7 @@ async fn events_filter_page_and_prune(h: Harness) {
             ..Default::default()
         },
         EventFilter {
-            key_id: Some(a.id.clone()),
+            key_id: Some(a.id),
             limit: 4,
             ..Default::default()
         },
@@ -778,7 +772,7 @@ async fn events_filter_page_and_prune(h: Harness) {
             ..Default::default()
         },
         EventFilter {
-            key_id: Some(b.id.clone()),
+            key_id: Some(b.id),
             kind: Some(EventType::KeyReinstated),
             limit: 2,
             ..Default::default()
@@ -893,7 +887,7 @@ async fn usage_adds_up_and_last_used_never_goes_back(h: Harness) {
     let later = now_ms();
     let earlier = later - TimeDelta::minutes(5);
     let delta = |hour, allowed, denied, rate_limited, last| UsageDelta {
-        key_id: rec.id.clone(),
+        key_id: rec.id,
         hour,
         counts: UsageCounts {
             allowed,
@@ -917,7 +911,7 @@ async fn usage_adds_up_and_last_used_never_goes_back(h: Harness) {
     let ghost = new_key("alice", "ghost");
     store
         .flush_usage(&[UsageDelta {
-            key_id: ghost.id.clone(),
+            key_id: ghost.id,
             ..delta(hour0, 1, 1, 1, Some(later))
         }])
         .await
@@ -1078,7 +1072,7 @@ async fn embedded_reopen_keeps_everything() {
             .unwrap();
         store
             .flush_usage(&[UsageDelta {
-                key_id: rec.id.clone(),
+                key_id: rec.id,
                 hour: used,
                 counts: UsageCounts {
                     allowed: 1,
@@ -1251,7 +1245,7 @@ async fn redis_invalidations_reach_other_instances_fast() {
         create(&a, &rec).await;
         assert_eq!(
             b.get_by_hash(&rec.token_hash).await.unwrap().map(|r| r.id),
-            Some(rec.id.clone())
+            Some(rec.id)
         );
         let started = Instant::now();
         a.delete_key(&rec.id, &event(EventType::KeyDeleted, Some(&rec)))
@@ -1343,7 +1337,7 @@ async fn redis_outage_fails_fast_and_recovers_by_itself() {
     create(&a, &after).await;
     assert_eq!(
         b.get_by_id(&after.id).await.unwrap().map(|r| r.id),
-        Some(after.id.clone())
+        Some(after.id)
     );
 
     let got = wait_for(&mut rx, Duration::from_secs(10), |i| {
@@ -1397,7 +1391,7 @@ async fn redis_frozen_server_fails_fast_then_recovers() {
     loop {
         match store.get_by_hash(&rec.token_hash).await {
             Ok(found) => {
-                assert_eq!(found.map(|r| r.id), Some(rec.id.clone()));
+                assert_eq!(found.map(|r| r.id), Some(rec.id));
                 break;
             }
             Err(e) if started.elapsed() > Duration::from_secs(10) => panic!("no recovery: {e:?}"),
