@@ -244,12 +244,11 @@ impl KeyId {
 
     /// The id's text, `key_<ULID>`.
     pub fn text(&self) -> KeyIdText {
+        let mut ulid = [0u8; ulid::ULID_LEN];
+        ulid::Ulid::from_bytes(self.0).array_to_str(&mut ulid);
         let mut text = [0u8; KEY_ID_LEN];
         text[..4].copy_from_slice(b"key_");
-        let ulid: &mut [u8; ulid::ULID_LEN] = (&mut text[4..])
-            .try_into()
-            .expect("a key id's text has room for a ULID");
-        ulid::Ulid::from_bytes(self.0).array_to_str(ulid);
+        text[4..].copy_from_slice(&ulid);
         KeyIdText(text)
     }
 }
