@@ -259,9 +259,11 @@ impl KeyStore for EmbeddedStore {
         let rec = rec.clone();
         let event = event.clone();
         self.write(move |txn| {
+            let id = rec.id.text();
+            let id = id.as_str();
             let mut records = txn.open_table(RECORDS)?;
             let mut hashes = txn.open_table(HASHES)?;
-            if records.get(rec.id.text().as_str())?.is_some() {
+            if records.get(id)?.is_some() {
                 return Err(StoreError::Duplicate);
             }
             for h in rec.all_hashes() {
@@ -279,12 +281,12 @@ impl KeyStore for EmbeddedStore {
                     limit: max_per_owner,
                 });
             }
-            records.insert(rec.id.text().as_str(), encode(&rec)?.as_slice())?;
+            records.insert(id, encode(&rec)?.as_slice())?;
             for h in rec.all_hashes() {
-                hashes.insert(h.0.as_slice(), rec.id.text().as_str())?;
+                hashes.insert(h.0.as_slice(), id)?;
             }
             txn.open_table(OWNERS)?
-                .insert((rec.owner.as_str(), rec.id.text().as_str()), ())?;
+                .insert((rec.owner.as_str(), id), ())?;
             add_owner_count(txn, &rec.owner, 1)?;
             insert_event(txn, &event)
         })
@@ -362,7 +364,7 @@ impl KeyStore for EmbeddedStore {
                     }
                 }
             }
-            Ok(out.page(|r| r.id.text().as_str().to_owned()))
+            Ok(out.page(|r| r.id.to_string()))
         })
         .await
     }
@@ -376,8 +378,10 @@ impl KeyStore for EmbeddedStore {
         let event = event.cloned();
         let (stored, affected) = self
             .write(move |txn| {
+                let id = new.id.text();
+                let id = id.as_str();
                 let mut records = txn.open_table(RECORDS)?;
-                let Some(old) = load_record(&records, new.id.text().as_str())? else {
+                let Some(old) = load_record(&records, id)? else {
                     return Err(StoreError::NotFound);
                 };
                 if old.version != new.version {
@@ -391,7 +395,7 @@ impl KeyStore for EmbeddedStore {
                     if hashes.get(h.0.as_slice())?.is_some() {
                         return Err(StoreError::Duplicate);
                     }
-                    hashes.insert(h.0.as_slice(), new.id.text().as_str())?;
+                    hashes.insert(h.0.as_slice(), id)?;
                 }
                 for h in old_hashes.difference(&new_hashes) {
                     hashes.remove(h.0.as_slice())?;
@@ -400,12 +404,12 @@ impl KeyStore for EmbeddedStore {
                     // The owner is not editable through the API; keep the index
                     // right anyway if a caller changes it.
                     let mut owners = txn.open_table(OWNERS)?;
-                    owners.remove((old.owner.as_str(), old.id.text().as_str()))?;
-                    owners.insert((new.owner.as_str(), new.id.text().as_str()), ())?;
+                    owners.remove((old.owner.as_str(), id))?;
+                    owners.insert((new.owner.as_str(), id), ())?;
                     add_owner_count(txn, &old.owner, -1)?;
                     add_owner_count(txn, &new.owner, 1)?;
                 }
-                records.insert(new.id.text().as_str(), encode(&new)?.as_slice())?;
+                records.insert(id, encode(&new)?.as_slice())?;
                 if let Some(event) = &event {
                     insert_event(txn, event)?;
                 }
@@ -419,34 +423,34 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn delete_key(&self, id: &KeyId, event: &Event) -> Result<Option<KeyRecord>, StoreError> {
-        let id = *id;
+        let id = id.text();
         let event = event.clone();
         let deleted = self
             .write(move |txn| {
                 let mut records = txn.open_table(RECORDS)?;
-                let Some(mut rec) = load_record(&records, id.text().as_str())? else {
+                let Some(mut rec) = load_record(&records, id.as_str())? else {
                     return Ok(None);
                 };
-                records.remove(id.text().as_str())?;
+                records.remove(id.as_str())?;
                 let mut hashes = txn.open_table(HASHES)?;
                 for h in rec.all_hashes() {
                     let ours = hashes
                         .get(h.0.as_slice())?
-                        .is_some_and(|g| g.value() == id.text().as_str());
+                        .is_some_and(|g| g.value() == id.as_str());
                     if ours {
                         hashes.remove(h.0.as_slice())?;
                     }
                 }
                 txn.open_table(OWNERS)?
-                    .remove((rec.owner.as_str(), id.text().as_str()))?;
+                    .remove((rec.owner.as_str(), id.as_str()))?;
                 add_owner_count(txn, &rec.owner, -1)?;
-                txn.open_table(USAGE)?.retain_in(
-                    (id.text().as_str(), i64::MIN)..=(id.text().as_str(), i64::MAX),
-                    |_, _| false,
-                )?;
+                txn.open_table(USAGE)?
+                    .retain_in((id.as_str(), i64::MIN)..=(id.as_str(), i64::MAX), |_, _| {
+                        false
+                    })?;
                 let mut last_used = txn.open_table(LAST_USED)?;
                 merge_last_used(&mut rec, &last_used)?;
-                last_used.remove(id.text().as_str())?;
+                last_used.remove(id.as_str())?;
                 insert_event(txn, &event)?;
                 Ok(Some(rec))
             })

@@ -566,8 +566,9 @@ impl KeyStore for RedisStore {
         event: &Event,
     ) -> Result<(), StoreError> {
         let k = &self.keys;
+        let id = rec.id.text();
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(k.rec(rec.id.text().as_str()))
+        inv.key(k.rec(id.as_str()))
             .key(k.ids())
             .key(k.owner(&rec.owner))
             .key(k.events())
@@ -576,7 +577,7 @@ impl KeyStore for RedisStore {
             inv.key(k.hash(h));
         }
         inv.arg(encode(rec)?)
-            .arg(rec.id.text().as_str())
+            .arg(id.as_str())
             .arg(max_per_owner)
             .arg(&event.id)
             .arg(encode(event)?);
@@ -645,7 +646,7 @@ impl KeyStore for RedisStore {
                 cursor = Some(last);
             }
         }
-        Ok(out.page(|r| r.id.text().as_str().to_owned()))
+        Ok(out.page(|r| r.id.to_string()))
     }
 
     async fn update_key(
@@ -653,7 +654,8 @@ impl KeyStore for RedisStore {
         rec: &KeyRecord,
         event: Option<&Event>,
     ) -> Result<KeyRecord, StoreError> {
-        let Some((stored_json, old)) = self.load_raw(rec.id.text().as_str()).await? else {
+        let id = rec.id.text();
+        let Some((stored_json, old)) = self.load_raw(id.as_str()).await? else {
             return Err(StoreError::NotFound);
         };
         if old.version != rec.version {
@@ -669,7 +671,7 @@ impl KeyStore for RedisStore {
 
         let k = &self.keys;
         let mut inv = self.scripts.update.prepare_invoke();
-        inv.key(k.rec(new.id.text().as_str()))
+        inv.key(k.rec(id.as_str()))
             .key(k.owner(&old.owner))
             .key(k.owner(&new.owner))
             .key(k.events())
@@ -686,7 +688,7 @@ impl KeyStore for RedisStore {
         };
         inv.arg(&stored_json)
             .arg(encode(&new)?)
-            .arg(new.id.text().as_str())
+            .arg(id.as_str())
             .arg(event_id)
             .arg(event_json)
             .arg(removed.len())
@@ -702,7 +704,7 @@ impl KeyStore for RedisStore {
             }
             // The stored JSON moved between our read and the script: either a
             // concurrent update (Conflict) or a delete (NotFound).
-            "CONFLICT" => match self.load_raw(rec.id.text().as_str()).await? {
+            "CONFLICT" => match self.load_raw(id.as_str()).await? {
                 Some(_) => Err(StoreError::Conflict),
                 None => Err(StoreError::NotFound),
             },
@@ -715,16 +717,17 @@ impl KeyStore for RedisStore {
 
     async fn delete_key(&self, id: &KeyId, event: &Event) -> Result<Option<KeyRecord>, StoreError> {
         let k = &self.keys;
+        let id = id.text();
         for _ in 0..DELETE_ATTEMPTS {
-            let Some((stored_json, mut rec)) = self.load_raw(id.text().as_str()).await? else {
+            let Some((stored_json, mut rec)) = self.load_raw(id.as_str()).await? else {
                 return Ok(None);
             };
             let invalidation = Invalidation::Keys(rec.all_hashes().copied().collect());
             let mut inv = self.scripts.delete.prepare_invoke();
-            inv.key(k.rec(id.text().as_str()))
+            inv.key(k.rec(id.as_str()))
                 .key(k.ids())
                 .key(k.owner(&rec.owner))
-                .key(k.usage(id.text().as_str()))
+                .key(k.usage(id.as_str()))
                 .key(k.last_used())
                 .key(k.events())
                 .key(k.events_data());
@@ -732,7 +735,7 @@ impl KeyStore for RedisStore {
                 inv.key(k.hash(h));
             }
             inv.arg(&stored_json)
-                .arg(id.text().as_str())
+                .arg(id.as_str())
                 .arg(&event.id)
                 .arg(encode(event)?)
                 .arg(k.channel())
