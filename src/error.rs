@@ -49,6 +49,10 @@ pub enum GatewayError {
     BadPath,
     #[error("the request URI is too long")]
     UriTooLong,
+    #[error(
+        "the request head has more than {max_fields} header fields or more than {max_bytes} bytes"
+    )]
+    HeadersTooLarge { max_fields: usize, max_bytes: usize },
     #[error("the request is malformed: {0}")]
     BadRequest(&'static str),
 }
@@ -74,6 +78,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::BadPath => "bad_path",
             GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::BadRequest(_) => "bad_request",
         }
     }
@@ -174,6 +179,12 @@ impl GatewayError {
             }
             GatewayError::BadPath => (StatusCode::BAD_REQUEST, "Bad path", None, None),
             GatewayError::UriTooLong => (StatusCode::URI_TOO_LONG, "URI too long", None, None),
+            GatewayError::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request header fields too large",
+                None,
+                None,
+            ),
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad request", None, None),
         };
         let mut resp = problem(status, title, self.code(), &self.to_string(), request_id);

@@ -12,9 +12,16 @@
 //! on, with the bytes already read put back in front of the stream
 //! ([`Rewind`]): HTTP/2 prior knowledge, request bodies (`Content-Length`,
 //! `Transfer-Encoding`), `Expect`, `Upgrade`, HTTP/1.0, targets not in origin
-//! form, `CONNECT`, and heads that are malformed, too large or have too many
-//! fields (hyper answers those 400 or 431 as before). The hand-over happens
-//! between requests, where hyper starts as on a new connection.
+//! form and `CONNECT`. The hand-over happens between requests, where hyper
+//! starts as on a new connection.
+//!
+//! Heads this path cannot accept are answered here with problem+json, and
+//! the connection closes: malformed heads (httparse's strict defaults, as in
+//! hyper) and unsound body framing (an invalid or differing
+//! `Content-Length`, `Content-Length` with `Transfer-Encoding`, a
+//! `Transfer-Encoding` not ending in `chunked`) are 400 `bad_request`;
+//! more than `max_headers` fields or `max_head_bytes` of head are 431
+//! `headers_too_large`. (hyper would answer these with an empty body.)
 //!
 //! While a request is handled the connection is still read: a client that
 //! closes it cancels its request, as with hyper (no half-close).
@@ -44,6 +51,7 @@ use super::body::{ClientBody, ProxyBody};
 use super::framing;
 use super::headers::{RawFields, put_field};
 use super::{ConnInfo, Gateway};
+use crate::error::GatewayError;
 
 /// The most header fields this path reads; with a larger `max_headers` every
 /// request goes to hyper.
@@ -103,10 +111,19 @@ where
         let waiting_since = tokio::time::Instant::now();
         let head = loop {
             match parse(&buf, limits.max_headers, &mut fields) {
-                Parsed::Head(head) => break head,
+                Parsed::Head(head) if head.len <= limits.max_head_bytes => break head,
                 Parsed::Partial if buf.len() < limits.max_head_bytes => {}
-                Parsed::Partial | Parsed::NotPlain => {
-                    return Ended::HandOver(Rewind::new(buf.freeze(), io));
+                Parsed::NotPlain => return Ended::HandOver(Rewind::new(buf.freeze(), io)),
+                Parsed::Head(_) | Parsed::Partial | Parsed::TooLarge => {
+                    let too_large = GatewayError::HeadersTooLarge {
+                        max_fields: limits.max_headers,
+                        max_bytes: limits.max_head_bytes,
+                    };
+                    return refuse(io, &mut out, gateway, conn, &too_large).await;
+                }
+                Parsed::Malformed(why) => {
+                    let malformed = GatewayError::BadRequest(why);
+                    return refuse(io, &mut out, gateway, conn, &malformed).await;
                 }
             }
             if buf.capacity() - buf.len() < 1024 {
@@ -191,7 +208,14 @@ enum Parsed {
     Partial,
     /// Not for this path: hyper reads it.
     NotPlain,
+    /// More header fields than allowed: 431.
+    TooLarge,
+    /// Not HTTP/1.1 keygate can read: 400, with what is wrong.
+    Malformed(&'static str),
 }
+
+/// The HTTP/2 client preface (prior knowledge), which hyper reads.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Parses the head at the start of `buf`; `fields` receives its fields.
 fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
@@ -203,7 +227,10 @@ fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
     let len = match req.parse_with_uninit_headers(buf, &mut headers[..max_headers]) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::NotPlain,
+        Err(_) if H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) => {
+            return Parsed::NotPlain;
+        }
+        Err(e) => return malformed(e),
     };
     if req.version != Some(1) {
         return Parsed::NotPlain;
@@ -221,13 +248,29 @@ fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
     let at = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
     fields.clear();
     let mut close = false;
+    // Requests with a body, an expectation or an upgrade go to hyper, once
+    // their framing is known to be sound (DESIGN.md section 4: 400, never
+    // forwarded, otherwise).
+    let mut for_hyper = false;
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding: Option<&[u8]> = None;
     for h in req.headers.iter() {
         let name = h.name;
-        let hyper_only = ["content-length", "transfer-encoding", "expect", "upgrade"];
-        if hyper_only.iter().any(|n| name.eq_ignore_ascii_case(n)) {
-            return Parsed::NotPlain;
-        }
-        if name.eq_ignore_ascii_case("connection") && has_token(h.value, "close") {
+        if name.eq_ignore_ascii_case("content-length") {
+            match (content_length(h.value), length) {
+                (None, _) => return Parsed::Malformed("an invalid Content-Length"),
+                (Some(n), Some(seen)) if n != seen => {
+                    return Parsed::Malformed("differing Content-Length values");
+                }
+                (Some(n), _) => length = Some(n),
+            }
+            for_hyper = true;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = Some(h.value);
+            for_hyper = true;
+        } else if name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("upgrade") {
+            for_hyper = true;
+        } else if name.eq_ignore_ascii_case("connection") && has_token(h.value, "close") {
             close = true;
         }
         fields.push(Field {
@@ -235,12 +278,88 @@ fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
             value: at(h.value),
         });
     }
+    if let Some(coding) = transfer_encoding {
+        if length.is_some() {
+            return Parsed::Malformed("Content-Length together with Transfer-Encoding");
+        }
+        if !framing::ends_in_chunked(coding) {
+            return Parsed::Malformed("a Transfer-Encoding that does not end in chunked");
+        }
+    }
+    if for_hyper {
+        return Parsed::NotPlain;
+    }
     Parsed::Head(Head {
         len,
         method,
         path: at(path.as_bytes()),
         close,
     })
+}
+
+/// What httparse found wrong, as the answer's detail.
+fn malformed(e: httparse::Error) -> Parsed {
+    Parsed::Malformed(match e {
+        httparse::Error::TooManyHeaders => return Parsed::TooLarge,
+        httparse::Error::HeaderName => "an invalid header field name (or an obsolete folded line)",
+        httparse::Error::HeaderValue => "an invalid header field value",
+        httparse::Error::NewLine => "an invalid line ending",
+        httparse::Error::Version => "an unsupported HTTP version",
+        httparse::Error::Token | httparse::Error::Status => "an invalid request line",
+    })
+}
+
+/// A `Content-Length` value: digits, or a list of equal ones (RFC 9110
+/// section 8.6); `None` if anything else.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|b| *b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits.iter().try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })?;
+        if length.is_some_and(|seen| seen != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
+/// Answers a head keygate refuses, then closes the connection, reading
+/// what the client still sends for a moment first so that the answer is not
+/// lost to a reset (a lingering close, as nginx does).
+async fn refuse<S>(
+    mut io: S,
+    out: &mut Vec<u8>,
+    gateway: &Gateway,
+    conn: &ConnInfo,
+    e: &GatewayError,
+) -> Ended<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const LINGER: Duration = Duration::from_secs(1);
+    const LINGER_BYTES: usize = 1 << 20;
+    let resp = gateway.refuse(e, conn);
+    if let Ok(true) = respond(&mut io, out, resp, false, false).await {
+        let _ = io.shutdown().await;
+        let drain = async {
+            let mut sink = [0u8; 8192];
+            let mut total = 0;
+            while total < LINGER_BYTES {
+                match io.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+    Ended::Closed
 }
 
 /// Whether a comma-separated header value lists `token` (any case).
@@ -605,35 +724,112 @@ mod tests {
     }
 
     #[test]
-    fn everything_but_the_plain_request_goes_to_hyper() {
+    fn bodies_upgrades_and_other_versions_go_to_hyper() {
         let not_plain = [
-            // Bodies, expectations and upgrades.
+            // Bodies with sound framing, expectations and upgrades.
             "POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
             "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\nabc",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
             // Other versions and target forms.
             "GET / HTTP/1.0\r\n\r\n",
-            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\n\r\n",
             "OPTIONS * HTTP/1.1\r\n\r\n",
             "CONNECT a:443 HTTP/1.1\r\n\r\n",
-            // Malformed.
-            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            "GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
-            "GET  / HTTP/1.1\r\n\r\n",
-            "\x16\x03\x01\x02\x00",
+            // The HTTP/2 preface, whole or begun.
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "PRI * HTTP/2",
         ];
         for head in not_plain {
             assert!(matches!(parsed(head).0, Parsed::NotPlain), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_heads_and_unsound_framing_are_refused_here() {
+        let malformed = [
+            ("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", "field name"),
+            ("GET / HTTP/1.1\r\nX-Folded: a\r\n b\r\n\r\n", "folded"),
+            ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", "field value"),
+            ("GET  / HTTP/1.1\r\n\r\n", "request line"),
+            ("GET / HTTP/3.0\r\n\r\n", "version"),
+            ("\x16\x03\x01\x02\x00", "request line"),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "differing",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length:\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "together",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                "together",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                "end in chunked",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "end in chunked",
+            ),
+        ];
+        for (head, why) in malformed {
+            match parsed(head).0 {
+                Parsed::Malformed(detail) => assert!(detail.contains(why), "{head:?}: {detail}"),
+                _ => panic!("{head:?} was not refused"),
+            }
         }
         let mut many = String::from("GET / HTTP/1.1\r\n");
         for i in 0..101 {
             many.push_str(&format!("X-{i}: v\r\n"));
         }
         many.push_str("\r\n");
-        assert!(matches!(parsed(&many).0, Parsed::NotPlain), "101 fields");
+        assert!(matches!(parsed(&many).0, Parsed::TooLarge), "101 fields");
+    }
+
+    #[test]
+    fn content_lengths_are_digits_or_lists_of_equal_ones() {
+        assert_eq!(content_length(b"0"), Some(0));
+        assert_eq!(content_length(b" 42 "), Some(42));
+        assert_eq!(content_length(b"7,7 , 7"), Some(7));
+        assert_eq!(content_length(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"1,2",
+            b"1,",
+            b"0x10",
+            b"-1",
+            b"1 2",
+        ] {
+            assert_eq!(
+                content_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     fn head_of(resp: Response<ProxyBody>, is_head: bool, keep_alive: bool) -> (String, Framing) {

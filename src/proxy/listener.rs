@@ -31,10 +31,11 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{self, ClientBody, ProxyBody};
+use super::body::{self, ClientBody};
 use super::framing::{FramingGuard, Verdicts};
 use super::{ConnInfo, Gateway, h1};
 use crate::config::{LimitsConfig, TlsConfig};
+use crate::error::GatewayError;
 
 /// Loads the certificate chain and key and builds a TLS acceptor offering h2
 /// and http/1.1 by ALPN.
@@ -229,7 +230,11 @@ impl Connection {
             async move {
                 // HTTP/1 heads are counted by hyper; h2 caps only bytes.
                 if req.headers().len() > max_fields {
-                    return Ok(too_many_fields());
+                    let too_large = GatewayError::HeadersTooLarge {
+                        max_fields,
+                        max_bytes: limits.max_head_bytes,
+                    };
+                    return Ok(gateway.refuse(&too_large, &conn));
                 }
                 let req = req.map(ClientBody::Hyper);
                 let mut resp = gateway.handle(req, &conn).await;
@@ -283,14 +288,6 @@ async fn until_first_request(
         return Ok(());
     }
     conn.await
-}
-
-/// 431 for an HTTP/2 request with more header fields than
-/// `limits.max_headers`, with no body, like hyper's own 431 for HTTP/1.
-fn too_many_fields() -> http::Response<ProxyBody> {
-    let mut resp = http::Response::new(ProxyBody::empty());
-    *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-    resp
 }
 
 fn finish(result: ConnResult) {

@@ -176,6 +176,28 @@ impl Gateway {
         resp
     }
 
+    /// Answers bytes keygate refuses before they are a request (a malformed
+    /// or oversized head): problem+json with a new request id, counted in the
+    /// metrics like any answer. The caller closes the connection after it.
+    pub fn refuse(&self, e: &GatewayError, conn: &ConnInfo) -> Response<ProxyBody> {
+        let compiled = self.shared.compiled.load();
+        let request_id = self.shared.ids.for_request(&http::HeaderMap::new());
+        let resp = problem(e, &request_id);
+        tracing::debug!(client = %conn.peer, code = e.code(), "request head refused");
+        if let Some(started) = compiled.telemetry.start_unparsed() {
+            let done = Done {
+                exchange: &Exchange::default(),
+                status: resp.status(),
+                error: Some(e),
+                request_id: Some(&request_id),
+                client: conn.peer.ip(),
+                bytes_out: resp.body().size_hint().exact(),
+            };
+            compiled.telemetry.finish(started, done);
+        }
+        resp
+    }
+
     async fn proxy<'c>(
         &self,
         compiled: &'c Compiled,

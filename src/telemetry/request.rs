@@ -40,7 +40,7 @@ pub const KEY_REQUESTS: &str = "keygate_key_requests_total";
 pub const UPSTREAM_CODE: &str = "upstream";
 
 /// Every `code` keygate answers with, in [`code_slot`] order.
-const CODES: [&str; 18] = [
+const CODES: [&str; 19] = [
     "no_route",
     "missing_key",
     "invalid_key",
@@ -59,6 +59,7 @@ const CODES: [&str; 18] = [
     "bad_path",
     "uri_too_long",
     "bad_request",
+    "headers_too_large",
 ];
 
 /// The index of `e`'s code in [`CODES`]; exhaustive, so a new error variant
@@ -83,6 +84,7 @@ fn code_slot(e: &GatewayError) -> usize {
         GatewayError::BadPath => 15,
         GatewayError::UriTooLong => 16,
         GatewayError::BadRequest(_) => 17,
+        GatewayError::HeadersTooLarge { .. } => 18,
     }
 }
 
@@ -281,6 +283,16 @@ impl RequestTelemetry {
         })
     }
 
+    /// The record of an answer to bytes that were not a request (a head
+    /// keygate refuses before it has a method and a path): counted in the
+    /// metrics, with no access line, which would have nothing to show.
+    pub fn start_unparsed(&self) -> Option<Started> {
+        self.metrics.then(|| Started {
+            at: Instant::now(),
+            head: None,
+        })
+    }
+
     /// Records the answer: counters, histograms and the access line.
     pub fn finish(&self, started: Started, done: Done<'_>) {
         let elapsed = started.at.elapsed();
@@ -427,6 +439,10 @@ mod tests {
             GatewayError::BadPath,
             GatewayError::UriTooLong,
             GatewayError::BadRequest("x"),
+            GatewayError::HeadersTooLarge {
+                max_fields: 1,
+                max_bytes: 1,
+            },
         ];
         for e in &all {
             assert_eq!(CODES[code_slot(e)], e.code(), "{e:?}");

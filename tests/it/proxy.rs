@@ -554,8 +554,9 @@ async fn bodies_over_max_body_are_413() {
     }
 }
 
-/// Request heads of more than 100 fields or 64 KiB are 431 (raw TCP: no
-/// client library sends such heads).
+/// Request heads of more than 100 fields or 64 KiB are 431
+/// `headers_too_large` as problem+json (raw TCP: no client library sends
+/// such heads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_heads_are_431() {
     let up = Upstream::named("heads").await;
@@ -583,7 +584,7 @@ async fn oversized_request_heads_are_431() {
     echo.assert_header("x-field-99", "v");
     // 101 fields: 431.
     let reply = client::raw(kg.proxy, head(101, 0).as_bytes(), WAIT).await;
-    reply.resp().assert_status(431);
+    reply.resp().assert_problem(431, "headers_too_large");
     // A head just under 64 KiB: allowed.
     let under = head(1, 60 * 1024);
     assert!(under.len() < 64 * 1024);
@@ -593,7 +594,7 @@ async fn oversized_request_heads_are_431() {
         .echo();
     // Over 64 KiB: 431.
     let reply = client::raw(kg.proxy, head(1, 70 * 1024).as_bytes(), WAIT).await;
-    reply.resp().assert_status(431);
+    reply.resp().assert_problem(431, "headers_too_large");
 
     assert_eq!(
         up.hits(),
@@ -613,7 +614,8 @@ async fn assert_400_and_closed(kg: &Keygate, what: &str, request: &str) {
     let reply = client::raw_to_close(kg.proxy, bytes.as_bytes(), WAIT).await;
     let responses = reply.responses();
     assert!(!responses.is_empty(), "{what}: no response\n{reply}");
-    responses[0].assert_status(400);
+    let problem = responses[0].assert_problem(400, "bad_request");
+    println!("{what}: {}", problem["detail"]);
     assert_eq!(
         responses.len(),
         1,
@@ -648,6 +650,18 @@ async fn malformed_framing_is_400_closed_and_never_forwarded() {
         (
             "obs-fold",
             "GET /public/a HTTP/1.1\r\nHost: gw.test\r\nX-Folded: a\r\n b\r\n\r\n",
+        ),
+        (
+            "a space in a field name",
+            "GET /public/a HTTP/1.1\r\nHost: gw.test\r\nX Bad: a\r\n\r\n",
+        ),
+        (
+            "two spaces in the request line",
+            "GET  /public/a HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+        ),
+        (
+            "an invalid Content-Length",
+            "POST /public/a HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5x\r\n\r\nhello",
         ),
     ];
     for (what, request) in cases {
