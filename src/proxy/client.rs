@@ -350,7 +350,7 @@ enum Framing {
 }
 
 /// A decimal length: 1 to 19 digits, nothing else.
-fn parse_length(s: &[u8]) -> Option<u64> {
+pub(super) fn parse_length(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
