@@ -178,7 +178,8 @@ impl Gateway {
 
     /// Answers bytes keygate refuses before they are a request (a malformed
     /// or oversized head): problem+json with a new request id, counted in the
-    /// metrics like any answer. The caller closes the connection after it.
+    /// metrics like any answer. On HTTP/1 the caller then closes the
+    /// connection; on HTTP/2 only the stream ends.
     pub fn refuse(&self, e: &GatewayError, conn: &ConnInfo) -> Response<ProxyBody> {
         let compiled = self.shared.compiled.load();
         let request_id = self.shared.ids.for_request(&http::HeaderMap::new());
