@@ -386,6 +386,7 @@ impl Writer<'_> {
         }
     }
 
+    #[inline(always)]
     fn name(&mut self, name: &str) {
         if self.json {
             self.out.push_str(",\"");
@@ -398,6 +399,7 @@ impl Writer<'_> {
         }
     }
 
+    #[inline(always)]
     fn str(&mut self, name: &str, value: &str) {
         self.name(name);
         if self.json {
@@ -409,6 +411,7 @@ impl Writer<'_> {
         }
     }
 
+    #[inline(always)]
     fn ip(&mut self, name: &str, ip: std::net::IpAddr) {
         use std::fmt::Write as _;
         self.name(name);
@@ -436,12 +439,14 @@ impl Writer<'_> {
         }
     }
 
+    #[inline(always)]
     fn uint(&mut self, name: &str, n: u64) {
         self.name(name);
         self.out.push_str(itoa::Buffer::new().format(n));
     }
 
     /// Milliseconds with three decimals (microseconds), as a JSON number.
+    #[inline(always)]
     fn millis(&mut self, name: &str, d: Duration) {
         self.name(name);
         let micros = d.as_micros();
@@ -467,10 +472,7 @@ impl Writer<'_> {
 /// Appends `s` with JSON string escaping (also used for the text form, so a
 /// value can never start a new line or forge a field).
 fn escape_into(out: &mut String, s: &str) {
-    let clean = s
-        .bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
-    if clean {
+    if !needs_escape(s.as_bytes()) {
         out.push_str(s);
         return;
     }
@@ -488,6 +490,37 @@ fn escape_into(out: &mut String, s: &str) {
             c => out.push(c),
         }
     }
+}
+
+/// Whether `s` has a byte JSON escapes here: a control (below 0x20 or
+/// 0x7f), `"` or `\\`. Eight bytes at a time (the values are short, and
+/// this runs for every field of every line).
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // High bit set in each byte of `x` that is zero (no false positives
+    // once bytes above 0x80 are masked by `!x`).
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(b);
+        // Bytes below 0x20: x - 0x20 borrows into the high bit, unless the
+        // byte was 0x80 or above.
+        let control = x.wrapping_sub(0x20 * ONES) & !x & HIGH;
+        let hits = control
+            | zero(x ^ (b'"' as u64 * ONES))
+            | zero(x ^ (b'\\' as u64 * ONES))
+            | zero(x ^ (0x7f * ONES));
+        if hits != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
 }
 
 #[cfg(test)]
@@ -587,5 +620,26 @@ mod tests {
         let mut s = String::new();
         escape_into(&mut s, "a\u{1}b\u{7f}é");
         assert_eq!(s, "a\\u0001b\\u007fé");
+    }
+
+    #[test]
+    fn the_word_at_a_time_check_finds_what_the_byte_check_finds() {
+        let slow = |s: &[u8]| {
+            s.iter()
+                .any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+        };
+        // Every byte value at every position of a 17-byte value (two words
+        // and a tail), among bytes next to the edges of each class.
+        let filler = [b'a', 0x20, 0x21, 0x7e, 0x80, 0xff, b'!', b'#', b'[', b']'];
+        for at in 0..17 {
+            for byte in 0..=255u8 {
+                let mut v: Vec<u8> = (0..17).map(|i| filler[i % filler.len()]).collect();
+                v[at] = byte;
+                assert_eq!(needs_escape(&v), slow(&v), "byte {byte:#x} at {at}");
+                assert!(!needs_escape(&v[..at]) || slow(&v[..at]));
+            }
+        }
+        assert!(!needs_escape(b"0123456789abcdef0123456789abcdef"));
+        assert!(needs_escape(b"0123456789abcdef0123456789abcde\""));
     }
 }
