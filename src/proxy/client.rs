@@ -257,14 +257,12 @@ impl Fields {
     fn note(&mut self, kind: FieldKind, value: &[u8]) -> Result<(), GatewayError> {
         match kind {
             FieldKind::ContentLength => {
-                for part in value.split(|b| *b == b',') {
-                    let n = parse_length(part.trim_ascii())
-                        .ok_or_else(|| bad_upstream("invalid Content-Length"))?;
-                    if self.length.is_some_and(|l| l != n) {
-                        return Err(bad_upstream("conflicting Content-Length values"));
-                    }
-                    self.length = Some(n);
+                let n =
+                    content_length(value).ok_or_else(|| bad_upstream("invalid Content-Length"))?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(bad_upstream("conflicting Content-Length values"));
                 }
+                self.length = Some(n);
             }
             FieldKind::TransferEncoding => {
                 self.chunked = Some(framing::ends_in_chunked(value));
@@ -350,11 +348,25 @@ enum Framing {
 }
 
 /// A decimal length: 1 to 19 digits, nothing else.
-pub(super) fn parse_length(s: &[u8]) -> Option<u64> {
+fn parse_length(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
     Some(s.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// A `Content-Length` value: a length, or a list of equal ones (RFC 9110
+/// section 8.6); `None` if anything else.
+pub(super) fn content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|b| *b == b',') {
+        let n = parse_length(part.trim_ascii())?;
+        if length.is_some_and(|seen| seen != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
 }
 
 /// The request line and fields: the request's own, less those `added`

@@ -48,6 +48,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::body::{ClientBody, ProxyBody};
+use super::client;
 use super::framing;
 use super::headers::{RawFields, put_field};
 use super::{ConnInfo, Gateway};
@@ -257,7 +258,7 @@ fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            match (content_length(h.value), length) {
+            match (client::content_length(h.value), length) {
                 (None, _) => return Parsed::Malformed("an invalid Content-Length"),
                 (Some(n), Some(seen)) if n != seen => {
                     return Parsed::Malformed("differing Content-Length values");
@@ -307,20 +308,6 @@ fn malformed(e: httparse::Error) -> Parsed {
         httparse::Error::Version => "an unsupported HTTP version",
         httparse::Error::Token | httparse::Error::Status => "an invalid request line",
     })
-}
-
-/// A `Content-Length` value: a length, or a list of equal ones (RFC 9110
-/// section 8.6); `None` if anything else.
-fn content_length(value: &[u8]) -> Option<u64> {
-    let mut length = None;
-    for part in value.split(|b| *b == b',') {
-        let n = super::client::parse_length(part.trim_ascii())?;
-        if length.is_some_and(|seen| seen != n) {
-            return None;
-        }
-        length = Some(n);
-    }
-    length
 }
 
 /// Answers a head keygate refuses, then closes the connection, reading
@@ -804,6 +791,7 @@ mod tests {
 
     #[test]
     fn content_lengths_are_digits_or_lists_of_equal_ones() {
+        use super::client::content_length;
         assert_eq!(content_length(b"0"), Some(0));
         assert_eq!(content_length(b" 42 "), Some(42));
         assert_eq!(content_length(b"7,7 , 7"), Some(7));
