@@ -18,8 +18,17 @@
 //! behind a mutex did: when the thread holding it was preempted, every worker
 //! stalled for a scheduler slice, which showed as p99 of 20-30 ms under load).
 //! Lines of one worker stay in order; lines of different workers interleave
-//! by chunk (each carries its timestamp). Other threads append to a shared
-//! batch that a flusher thread hands over every [`FLUSH_EVERY`]; past
+//! by chunk (each carries its timestamp). When stderr is a regular file, a
+//! chunk is written to it by the thread that filled it, with one `write(2)`,
+//! as nginx writes its buffered access log: a write to the page cache does
+//! not wait on a reader, and handing the chunk to the writer thread instead
+//! cost a copy, a wakeup and that thread's spinning and yielding, 3-7% of the
+//! proxy's CPU under load (BENCHMARKS.md, eighth session). Chunks are
+//! whole lines and a regular file's offset is locked for each write, so they
+//! never tear the process's other log lines. A pipe or terminal, whose
+//! reader can stall, always goes through the writer thread. Other threads
+//! append to a shared batch that a flusher thread hands over every
+//! [`FLUSH_EVERY`]; past
 //! [`MAX_BATCH`] bytes it drops further lines (counted). The log writer's
 //! queue holds at most [`super::QUEUED_MESSAGES`] chunks, and drops (and
 //! counts) what does not fit, so a stalled stderr cannot grow memory without
@@ -48,6 +57,8 @@ pub const LOCAL_CHUNK: usize = 16 << 10;
 /// Where access lines go: a batch for the log writer, and in which format.
 pub(super) struct Sink {
     writer: tracing_appender::non_blocking::NonBlocking,
+    /// stderr, when it is a regular file: chunks are written to it directly.
+    file: Option<std::fs::File>,
     json: bool,
     batch: std::sync::Mutex<Vec<u8>>,
     dropped: std::sync::atomic::AtomicU64,
@@ -61,6 +72,7 @@ impl Sink {
     ) -> &'static Sink {
         let sink: &'static Sink = Box::leak(Box::new(Sink {
             writer,
+            file: stderr_if_regular_file(),
             json,
             batch: std::sync::Mutex::new(Vec::with_capacity(64 * 1024)),
             dropped: std::sync::atomic::AtomicU64::new(0),
@@ -100,7 +112,25 @@ impl Sink {
             }
             std::mem::replace(&mut *batch, Vec::with_capacity(64 * 1024))
         };
-        let _ = self.writer.clone().write_all(&full);
+        self.emit(&full);
+    }
+
+    /// Writes whole lines to stderr: itself when stderr is a regular file,
+    /// through the log writer's queue otherwise.
+    fn emit(&self, lines: &[u8]) {
+        match &self.file {
+            Some(file) => {
+                let mut file: &std::fs::File = file;
+                if file.write_all(lines).is_err() {
+                    let lost = lines.iter().filter(|&&b| b == b'\n').count();
+                    self.dropped
+                        .fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            None => {
+                let _ = self.writer.clone().write_all(lines);
+            }
+        }
     }
 
     /// Access lines dropped because a batch was full.
@@ -111,10 +141,21 @@ impl Sink {
     /// Hands a worker's chunk to the log writer and empties it.
     fn hand_off(&self, chunk: &mut Vec<u8>) {
         if !chunk.is_empty() {
-            let _ = self.writer.clone().write_all(chunk);
+            self.emit(chunk);
             chunk.clear();
         }
     }
+}
+
+/// A second handle on stderr when it is a regular file (`2> file`), which
+/// shares its offset, so writes through either land one after the other.
+fn stderr_if_regular_file() -> Option<std::fs::File> {
+    use std::os::fd::AsFd as _;
+    let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+    let file = std::fs::File::from(fd);
+    file.metadata()
+        .is_ok_and(|m| m.file_type().is_file())
+        .then_some(file)
 }
 
 thread_local! {

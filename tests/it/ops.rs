@@ -1086,6 +1086,86 @@ async fn every_request_gets_one_access_line_without_any_key() {
     );
 }
 
+/// With stderr a regular file (`2> file`), proxy workers write their chunks of
+/// access lines to it themselves, beside the log writer thread's own lines:
+/// under concurrent load every line stays whole and every request keeps its
+/// one line, through shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_written_to_a_file_stay_whole_beside_other_log_lines() {
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 250;
+    let up = Upstream::start().await;
+    let kg = Keygate::builder()
+        .stderr_to_file()
+        // Two workers, so two threads write chunks; debug, so every request
+        // to the refused upstream also logs through the writer thread.
+        .env("KEYGATE_WORKERS", "2")
+        .env("KEYGATE_LOG", "debug")
+        .section("logging:\n  format: json\n  access_log: true")
+        .route(&route("open", "/open/", &up.url(), ", auth: none"))
+        .route(&route(
+            "gone",
+            "/gone/",
+            &format!("http://{}", Upstream::refused()),
+            ", auth: none",
+        ))
+        .start()
+        .await;
+    let sends = (0..TASKS).map(|t| {
+        let kg = &kg;
+        async move {
+            for i in 0..PER_TASK {
+                let (path, status) = match i % 4 {
+                    0 => (format!("/gone/{t}/{i}"), 502),
+                    _ => (format!("/open/{t}/{i}?pad={}", "x".repeat(i % 97)), 200),
+                };
+                kg.send(Req::get(&path).header("x-request-id", &format!("file-{t}-{i}")))
+                    .await
+                    .assert_status(status);
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await;
+
+    let mut kg = kg;
+    kg.sigterm();
+    kg.wait_exit(Duration::from_secs(20)).await;
+    let output = kg.output();
+    let stderr = output
+        .split_once("--- stderr:\n")
+        .map_or("", |(_, err)| err);
+    let torn: Vec<&str> = stderr
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).is_err())
+        .collect();
+    assert!(
+        torn.is_empty(),
+        "{} of {} stderr lines are not whole JSON lines, e.g. {:?}",
+        torn.len(),
+        stderr.lines().count(),
+        &torn[..torn.len().min(3)]
+    );
+    let lines = access_lines(&output);
+    let others = stderr.lines().count() - lines.values().map(Vec::len).sum::<usize>();
+    for t in 0..TASKS {
+        for i in 0..PER_TASK {
+            let id = format!("file-{t}-{i}");
+            let found = lines.get(&id).map_or(0, Vec::len);
+            assert_eq!(found, 1, "{id}: {found} access lines");
+        }
+    }
+    assert!(
+        others >= TASKS * PER_TASK / 4,
+        "expected a debug line per refused upstream call, got {others} other lines"
+    );
+    println!(
+        "ops: access log to a file: {} requests, {} access lines, {others} other lines, {} bytes",
+        TASKS * PER_TASK,
+        lines.len(),
+        stderr.len()
+    );
+}
+
 // --- health ------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

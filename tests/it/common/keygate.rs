@@ -31,9 +31,17 @@ pub struct KeygateBuilder {
     tls: Option<(String, String)>,
     store: Option<String>,
     admin_tokens: Vec<(String, String, String)>,
+    stderr_file: bool,
 }
 
 impl KeygateBuilder {
+    /// Sends the process's stderr to a regular file in its temp dir instead
+    /// of a pipe (as `2> file` does); [`Keygate::output`] reads the file.
+    pub fn stderr_to_file(mut self) -> KeygateBuilder {
+        self.stderr_file = true;
+        self
+    }
+
     /// Replaces the default embedded store with this `store:` body, e.g.
     /// `backend: redis\nredis:\n  url: redis://127.0.0.1:6379/`.
     pub fn store(mut self, yaml: &str) -> KeygateBuilder {
@@ -101,9 +109,14 @@ impl KeygateBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        let stderr_path = self.stderr_file.then(|| dir.path().join("stderr.log"));
+        let stderr_to = match &stderr_path {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create stderr.log")),
+            None => Stdio::piped(),
+        };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(stderr_to);
         let command = format!("{bin} serve --config {}", config_path.display());
         let mut child = cmd
             .spawn()
@@ -117,11 +130,9 @@ impl KeygateBuilder {
             stdout.clone(),
             Some(lines_tx),
         );
-        capture(
-            child.stderr.take().expect("piped stderr"),
-            stderr.clone(),
-            None,
-        );
+        if let Some(piped) = child.stderr.take() {
+            capture(piped, stderr.clone(), None);
+        }
 
         let mut kg = Keygate {
             child,
@@ -134,6 +145,7 @@ impl KeygateBuilder {
             config_path,
             stdout,
             stderr,
+            stderr_path,
             dir,
         };
         let announced = tokio::time::timeout(START_TIMEOUT, async {
@@ -313,6 +325,8 @@ pub struct Keygate {
     config_path: PathBuf,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
+    /// Where stderr goes when it is a file rather than captured.
+    stderr_path: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -339,6 +353,7 @@ impl Keygate {
             tls: None,
             store: None,
             admin_tokens: Vec::new(),
+            stderr_file: false,
         }
     }
 
@@ -372,11 +387,16 @@ impl Keygate {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let err = self
-            .stderr
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let err = match &self.stderr_path {
+            Some(path) => std::fs::read(path)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", path.display())),
+            None => self
+                .stderr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
         format!("--- stdout:\n{out}--- stderr:\n{err}")
     }
 
