@@ -28,11 +28,10 @@
 //! never tear the process's other log lines. A pipe or terminal, whose
 //! reader can stall, always goes through the writer thread. Other threads
 //! append to a shared batch that a flusher thread hands over every
-//! [`FLUSH_EVERY`]; past
-//! [`MAX_BATCH`] bytes it drops further lines (counted). The log writer's
-//! queue holds at most [`super::QUEUED_MESSAGES`] chunks, and drops (and
-//! counts) what does not fit, so a stalled stderr cannot grow memory without
-//! bound. It keeps the shape of the process's other log lines (`timestamp`,
+//! [`FLUSH_EVERY`]; past [`MAX_BATCH`] bytes it drops further lines
+//! (counted). The log writer's queue holds at most
+//! [`super::QUEUED_MESSAGES`] chunks, and drops (and counts) what does not
+//! fit, so a stalled stderr cannot grow memory without bound. It keeps the shape of the process's other log lines (`timestamp`,
 //! `level`, `target`, `message`). Without an installed sink (a library user
 //! with its own subscriber) the line goes through `tracing` as an ordinary
 //! event.

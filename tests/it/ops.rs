@@ -1130,10 +1130,7 @@ async fn access_lines_written_to_a_file_stay_whole_beside_other_log_lines() {
     let mut kg = kg;
     kg.sigterm();
     kg.wait_exit(Duration::from_secs(20)).await;
-    let output = kg.output();
-    let stderr = output
-        .split_once("--- stderr:\n")
-        .map_or("", |(_, err)| err);
+    let stderr = kg.stderr();
     let torn: Vec<&str> = stderr
         .lines()
         .filter(|l| serde_json::from_str::<Value>(l).is_err())
@@ -1145,7 +1142,7 @@ async fn access_lines_written_to_a_file_stay_whole_beside_other_log_lines() {
         stderr.lines().count(),
         &torn[..torn.len().min(3)]
     );
-    let lines = access_lines(&output);
+    let lines = access_lines(&stderr);
     let others = stderr.lines().count() - lines.values().map(Vec::len).sum::<usize>();
     for t in 0..TASKS {
         for i in 0..PER_TASK {

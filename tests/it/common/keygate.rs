@@ -387,7 +387,13 @@ impl Keygate {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let err = match &self.stderr_path {
+        format!("--- stdout:\n{out}--- stderr:\n{}", self.stderr())
+    }
+
+    /// What the process wrote to stderr so far (read from the file when
+    /// stderr is one).
+    pub fn stderr(&self) -> String {
+        match &self.stderr_path {
             Some(path) => std::fs::read(path)
                 .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
                 .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", path.display())),
@@ -396,8 +402,7 @@ impl Keygate {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-        };
-        format!("--- stdout:\n{out}--- stderr:\n{err}")
+        }
     }
 
     /// The command, config and output, for failure messages.
