@@ -11,13 +11,15 @@
 //!   copied into the recorder when `/metrics` is scraped, so the request path
 //!   pays nothing for them.
 //! - The record stage ([`request`]): per-request counters, latency histograms
-//!   and the access-log line, with per-route handles prepared at config load.
+//!   ([`histogram`], kept outside the recorder and rendered after it) and the
+//!   access-log line, with per-route handles prepared at config load.
 //!
 //! Log lines never contain a presented key or admin token: the types that hold
 //! secrets redact themselves in `Debug` and `Display`, access lines carry the
 //! key's id and owner only, and their paths go through [`redact`].
 
 pub mod access;
+pub mod histogram;
 pub mod redact;
 pub mod request;
 
@@ -132,12 +134,6 @@ pub fn init(cfg: &LoggingConfig) -> LogGuard {
     }
 }
 
-/// Buckets of the latency histograms, in seconds: 100 µs to 30 s.
-const LATENCY_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    10.0, 30.0,
-];
-
 /// The process-wide Prometheus recorder, installed on first use. (The
 /// `metrics` facade has one global recorder per process; tests start several
 /// servers in one process, so this hands out the same handle to each.)
@@ -150,7 +146,7 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS);
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &histogram::BOUNDS);
             match builder.and_then(|b| b.install_recorder()) {
                 Ok(h) => {
                     describe_metrics();
@@ -171,16 +167,6 @@ fn describe_metrics() {
     describe_counter!(
         request::REQUESTS,
         "Proxied requests by route, status and code (`upstream` when the upstream answered)"
-    );
-    describe_histogram!(
-        request::REQUEST_DURATION,
-        Unit::Seconds,
-        "Time from request head to response head, by route"
-    );
-    describe_histogram!(
-        request::UPSTREAM_DURATION,
-        Unit::Seconds,
-        "Time the upstream took to send its response head, by route"
     );
     describe_counter!(
         request::AUTH_FAILURES,
@@ -301,7 +287,10 @@ pub fn metrics_routes(sources: ScrapeSources) -> axum::Router {
             let sources = sources.clone();
             async move {
                 sources.publish();
-                let body = handle.map(|h| h.render()).unwrap_or_default();
+                let mut body = handle.map(|h| h.render()).unwrap_or_default();
+                // The request path's histograms are kept outside the recorder.
+                request::REQUEST_DURATIONS.render(&mut body);
+                request::UPSTREAM_DURATIONS.render(&mut body);
                 (
                     [(
                         http::header::CONTENT_TYPE,

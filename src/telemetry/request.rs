@@ -15,9 +15,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, StatusCode, Uri};
-use metrics::{Counter, Histogram};
+use metrics::Counter;
 
 use super::access;
+use super::histogram::{Family, Latency};
 use super::redact::Redactor;
 use crate::auth::Principal;
 use crate::config::{Config, CredentialHeader};
@@ -29,6 +30,17 @@ pub const REQUESTS: &str = "keygate_requests_total";
 pub const REQUEST_DURATION: &str = "keygate_request_duration_seconds";
 /// `keygate_upstream_duration_seconds{route}`.
 pub const UPSTREAM_DURATION: &str = "keygate_upstream_duration_seconds";
+/// The two latency histograms, per route (see [`super::histogram`]).
+pub static REQUEST_DURATIONS: Family = Family::new(
+    REQUEST_DURATION,
+    "Time from request head to response head, by route",
+    "route",
+);
+pub static UPSTREAM_DURATIONS: Family = Family::new(
+    UPSTREAM_DURATION,
+    "Time the upstream took to send its response head, by route",
+    "route",
+);
 /// `keygate_auth_failures_total{code}`.
 pub const AUTH_FAILURES: &str = "keygate_auth_failures_total";
 /// `keygate_upstream_errors_total{kind}`.
@@ -144,16 +156,16 @@ struct RouteMeters {
     by_status: LazyCounters,
     /// keygate's own answers by code.
     by_code: LazyCounters,
-    duration: Histogram,
-    upstream: Histogram,
+    duration: Arc<Latency>,
+    upstream: Arc<Latency>,
 }
 
 impl RouteMeters {
     fn new(name: &str) -> RouteMeters {
         let name: Arc<str> = name.into();
         RouteMeters {
-            duration: metrics::histogram!(REQUEST_DURATION, "route" => name.to_string()),
-            upstream: metrics::histogram!(UPSTREAM_DURATION, "route" => name.to_string()),
+            duration: REQUEST_DURATIONS.series(&name),
+            upstream: UPSTREAM_DURATIONS.series(&name),
             by_status: LazyCounters::new(STATUS_COUNT),
             by_code: LazyCounters::new(CODES.len()),
             name,
@@ -319,9 +331,9 @@ impl RequestTelemetry {
             c.increment(1);
         }
         if let Some(r) = route {
-            r.duration.record(elapsed.as_secs_f64());
+            r.duration.record(elapsed);
             if let Some(up) = done.exchange.upstream_elapsed {
-                r.upstream.record(up.as_secs_f64());
+                r.upstream.record(up);
             }
         }
         if let Some(e) = done.error {
