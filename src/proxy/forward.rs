@@ -15,6 +15,7 @@
 //! sent once on a new connection. A request that may have reached the
 //! upstream is never sent twice.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Sleep;
 
 use super::body::{LimitedBody, UpstreamBody};
 use super::client::{self, Conn};
@@ -64,13 +66,14 @@ impl Upstreams {
 
     /// Sends `req` (origin-form URI) with the fields keygate sets on it
     /// (`added`) to `route`'s upstream and waits up to the route's timeout for
-    /// the response head.
+    /// the response head, on `timer` (see [`super::Gateway::handle`]).
     pub async fn forward(
         &self,
         mut req: Request<LimitedBody>,
         added: Added,
         route: &Route,
         table: &RouteTable,
+        mut timer: Pin<&mut Sleep>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let sent = async {
             if let Some(own) = &self.own
@@ -85,9 +88,15 @@ impl Upstreams {
             }
             self.send_pooled(req, route, table).await
         };
-        match tokio::time::timeout(route.config.timeout, sent).await {
-            Err(_) => Err(GatewayError::UpstreamTimeout),
-            Ok(answer) => answer,
+        // Moving a registered timer later is one atomic operation; the
+        // timer wheel is locked only when the timer was new or had fired.
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + route.config.timeout);
+        tokio::select! {
+            biased;
+            answer = sent => answer,
+            () = timer => Err(GatewayError::UpstreamTimeout),
         }
     }
 
@@ -390,6 +399,13 @@ mod tests {
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
+    /// A request's own timer, as `Gateway::handle`'s callers pass it.
+    macro_rules! timer {
+        () => {
+            std::pin::pin!(tokio::time::sleep(Duration::ZERO))
+        };
+    }
+
     /// A raw HTTP/1.1 upstream answering `ok` to every request; counts the
     /// connections it accepted and, with `close_after_answer`, hangs up after
     /// each answer (as an upstream whose keep-alive timeout passed would).
@@ -440,6 +456,10 @@ mod tests {
     }
 
     fn table(addr: std::net::SocketAddr) -> RouteTable {
+        table_with_timeout(addr, Duration::from_secs(5))
+    }
+
+    fn table_with_timeout(addr: std::net::SocketAddr, timeout: Duration) -> RouteTable {
         RouteTable::new(&[RouteConfig {
             name: "r".into(),
             host: None,
@@ -447,7 +467,7 @@ mod tests {
             upstream: format!("http://{addr}").parse().unwrap(),
             scopes: vec![],
             rate_limit: None,
-            timeout: Duration::from_secs(5),
+            timeout,
             max_body: 1024,
             auth: RouteAuth::None,
         }])
@@ -479,7 +499,7 @@ mod tests {
     ) -> Result<(http::StatusCode, Result<String, String>), GatewayError> {
         let route = table.find(None, "/x").unwrap();
         let resp = up
-            .forward(bodiless(method), Added::default(), route, table)
+            .forward(bodiless(method), Added::default(), route, table, timer!())
             .await?;
         let status = resp.status();
         let body = match resp.into_body().collect().await {
@@ -519,6 +539,58 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert_eq!(accepted.load(Ordering::SeqCst), i);
         }
+    }
+
+    #[tokio::test]
+    async fn one_timer_times_each_request_in_turn() {
+        // The second answer never comes: that request times out, on the
+        // same timer the others ran on and without delaying them.
+        let mut answers = vec![(OK, false); 5];
+        answers[1] = (b"", false);
+        let (addr, accepted) = scripted(answers).await;
+        let up = upstreams();
+        let table = table_with_timeout(addr, Duration::from_millis(300));
+        let route = table.find(None, "/x").unwrap();
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let send = async |timer: Pin<&mut Sleep>| {
+            let started = Instant::now();
+            let sent = up
+                .forward(
+                    bodiless(Method::GET),
+                    Added::default(),
+                    route,
+                    &table,
+                    timer,
+                )
+                .await;
+            let body = match sent {
+                Ok(resp) => Ok(resp.into_body().collect().await.unwrap().to_bytes()),
+                Err(e) => Err(e),
+            };
+            (body, started.elapsed())
+        };
+        let (first, took) = send(timer.as_mut()).await;
+        assert_eq!(first.unwrap(), "ok");
+        assert!(took < Duration::from_millis(300), "{took:?}");
+        // Longer apart than the timeout: the timer must not fire for an
+        // exchange that already ended.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (second, took) = send(timer.as_mut()).await;
+        assert!(
+            matches!(second, Err(GatewayError::UpstreamTimeout)),
+            "{second:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_millis(1300),
+            "timed out after {took:?}"
+        );
+        for _ in 0..3 {
+            let (next, took) = send(timer.as_mut()).await;
+            assert_eq!(next.unwrap(), "ok");
+            assert!(took < Duration::from_millis(300), "{took:?}");
+        }
+        // The connection that timed out was not reused.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -622,7 +694,13 @@ mod tests {
         let (up, table) = (upstreams(), table(addr));
         let route = table.find(None, "/x").unwrap();
         let resp = up
-            .forward(bodiless(Method::GET), Added::default(), route, &table)
+            .forward(
+                bodiless(Method::GET),
+                Added::default(),
+                route,
+                &table,
+                timer!(),
+            )
             .await;
         drop(resp.unwrap());
         assert_eq!(get(&up, &table).await.unwrap(), "ok");
@@ -637,7 +715,13 @@ mod tests {
         let (up, table) = (upstreams(), table(addr));
         let route = table.find(None, "/x").unwrap();
         let resp = up
-            .forward(bodiless(Method::GET), Added::default(), route, &table)
+            .forward(
+                bodiless(Method::GET),
+                Added::default(),
+                route,
+                &table,
+                timer!(),
+            )
             .await
             .unwrap();
         let (parts, mut body) = resp.into_parts();
@@ -658,7 +742,13 @@ mod tests {
         let mut seen = Vec::new();
         for _ in 0..4 {
             let resp = up
-                .forward(bodiless(Method::GET), Added::default(), route, &table)
+                .forward(
+                    bodiless(Method::GET),
+                    Added::default(),
+                    route,
+                    &table,
+                    timer!(),
+                )
                 .await;
             let (mut parts, mut body) = resp.unwrap().into_parts();
             if let Some(raw) = body.take_raw_fields() {

@@ -108,6 +108,9 @@ where
     // the head being waited for is `waiting_since + header_read_timeout`.
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
+    // The route timeout of each request in turn (see `Gateway::handle`).
+    let route_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(route_timer);
     loop {
         let waiting_since = tokio::time::Instant::now();
         let head = loop {
@@ -162,7 +165,7 @@ where
         // that goes away cancels its request (and frees its connection slot)
         // instead of holding it until the upstream answers. Bytes of
         // pipelined requests wait in `buf`.
-        let handling = gateway.handle(req, conn);
+        let handling = gateway.handle(req, conn, route_timer.as_mut());
         tokio::pin!(handling);
         let resp = loop {
             tokio::select! {

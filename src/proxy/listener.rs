@@ -237,7 +237,11 @@ impl Connection {
                     return Ok(gateway.refuse(&too_large, &conn));
                 }
                 let req = req.map(ClientBody::Hyper);
-                let mut resp = gateway.handle(req, &conn).await;
+                // hyper serves this request on a task of its own (HTTP/2)
+                // or after keygate's path handed the connection over: a
+                // timer of its own.
+                let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+                let mut resp = gateway.handle(req, &conn, timer).await;
                 body::raw_fields_into_map(&mut resp);
                 Ok::<_, Infallible>(resp)
             }

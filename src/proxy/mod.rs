@@ -15,6 +15,7 @@ pub mod listener;
 pub mod route;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
+use tokio::time::Sleep;
 
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{Config, RouteAuth};
@@ -138,18 +140,32 @@ impl Gateway {
     }
 
     /// Handles one request; never fails (errors become problem+json answers).
-    pub async fn handle(&self, req: Request<ClientBody>, conn: &ConnInfo) -> Response<ProxyBody> {
+    ///
+    /// The route's timeout runs on `timer`. keygate's HTTP/1 path passes one
+    /// timer per connection, which each request moves on with one atomic
+    /// operation; a timer made per request costs two locked operations on
+    /// the runtime's timer wheel (registration and removal) and a handle to
+    /// the runtime (BENCHMARKS.md, ninth session).
+    pub async fn handle(
+        &self,
+        req: Request<ClientBody>,
+        conn: &ConnInfo,
+        timer: Pin<&mut Sleep>,
+    ) -> Response<ProxyBody> {
         let compiled = self.shared.compiled.load_full();
         let started = compiled.telemetry.start(&req);
         let request_id = self.shared.ids.for_request(req.headers());
-        let mut rate = None;
-        let mut exchange = Exchange {
-            timed: started.is_some(),
-            ..Exchange::default()
+        let mut learned = Learned {
+            exchange: Exchange {
+                timed: started.is_some(),
+                ..Exchange::default()
+            },
+            rate: None,
         };
         let proxied = self
-            .proxy(&compiled, req, conn, &request_id, &mut rate, &mut exchange)
+            .proxy(&compiled, req, conn, &request_id, &mut learned, timer)
             .await;
+        let Learned { exchange, rate } = learned;
         let (mut resp, error) = match proxied {
             Ok(mut resp) => {
                 resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -205,9 +221,10 @@ impl Gateway {
         req: Request<ClientBody>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
-        rate: &mut Option<RateHeaders>,
-        exchange: &mut Exchange<'c>,
+        learned: &mut Learned<'c>,
+        timer: Pin<&mut Sleep>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
+        let Learned { exchange, rate } = learned;
         check_framing(&req, conn)?;
         let config = &compiled.config;
         let (route, normalized) = find_route(compiled, &req)?;
@@ -242,7 +259,7 @@ impl Gateway {
         let sent = exchange.timed.then(std::time::Instant::now);
         let resp = self
             .upstreams
-            .forward(upstream_req, added, route, &compiled.routes)
+            .forward(upstream_req, added, route, &compiled.routes, timer)
             .await;
         exchange.upstream_elapsed = sent.map(|t| t.elapsed());
         exchange.upstream_status = resp.as_ref().ok().map(|r| r.status());
@@ -296,6 +313,14 @@ impl Gateway {
         let decision = self.shared.limits.check(key.id(), spec, route_limit);
         decision.await.finish(headers)
     }
+}
+
+/// What the stages learn about a request besides its answer.
+struct Learned<'c> {
+    /// For the record stage (see `telemetry`).
+    exchange: Exchange<'c>,
+    /// The rate-limit fields, once that stage ran: every answer carries them.
+    rate: Option<RateHeaders>,
 }
 
 /// Accept stage: a request whose head had both Content-Length and
