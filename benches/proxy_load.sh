@@ -23,7 +23,8 @@
 # Environment: KEYGATE_WORKERS (proxy worker threads, each a single-threaded
 # runtime on SO_REUSEPORT; default: one per CPU), KEYGATE_BIN (use this binary
 # instead of building), SCENARIO_FILTER (space-separated scenario names).
-# Scenarios: direct, nginx, keygate_open, keygate_key (defaults: access log
+# Scenarios: direct, nginx (access_log off), nginx_log (nginx's default
+# access log, buffered), keygate_open, keygate_key (defaults: access log
 # and metrics on), quiet_open, quiet_key (both off), hyper_open, hyper_key
 # (defaults, keygate's own HTTP/1 path off), hclient_open, hclient_key
 # (defaults, keygate's own upstream client off), redis_key (Redis store and
@@ -78,7 +79,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-UP_PORT=$(free_port); NGX_PORT=$(free_port); NGX_H2_PORT=$(free_port)
+UP_PORT=$(free_port); NGX_PORT=$(free_port); NGX_H2_PORT=$(free_port); NGX_LOG_PORT=$(free_port)
 
 BODY='{"status":"ok","service":"upstream","items":[1,2,3,4,5],"message":"hello from the upstream!!"}'
 BODY=${BODY:0:100}
@@ -117,6 +118,19 @@ http {
   server {
     listen 127.0.0.1:$NGX_PORT;
     listen 127.0.0.1:$NGX_H2_PORT http2;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+  # The same proxy with nginx's default access log (combined format), written
+  # in 16 KiB buffers as keygate writes its lines: like for like with
+  # keygate's defaults.
+  server {
+    listen 127.0.0.1:$NGX_LOG_PORT;
+    access_log $WORK/px-access.log combined buffer=16k flush=1s;
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -217,6 +231,7 @@ add() { URL[$1]=$2; HDR[$1]=$3; TOOL[$1]=$4; }
 KEYHDR="Authorization: Bearer $KEY_kg"
 add direct "http://127.0.0.1:$UP_PORT/open/x" "" wrk
 add nginx "http://127.0.0.1:$NGX_PORT/open/x" "" wrk
+add nginx_log "http://127.0.0.1:$NGX_LOG_PORT/open/x" "" wrk
 add keygate_open "$KG_URL_kg/open/x" "" wrk
 add keygate_key "$KG_URL_kg/keyed/x" "$KEYHDR" wrk
 add quiet_open "$KG_URL_quiet/open/x" "" wrk
@@ -238,7 +253,7 @@ if [ -n "$OHA" ]; then
   add ol_keygate_open "${URL[keygate_open]}" "" oha
   add ol_keygate_key "${URL[keygate_key]}" "$KEYHDR" oha
 fi
-ALL=(direct nginx keygate_open keygate_key quiet_open quiet_key hyper_open hyper_key hclient_open hclient_key redis_key nginx_1k keygate_1k
+ALL=(direct nginx nginx_log keygate_open keygate_key quiet_open quiet_key hyper_open hyper_key hclient_open hclient_key redis_key nginx_1k keygate_1k
   nginx_64k keygate_64k h2_nginx h2_keygate ol_direct ol_nginx ol_keygate_open ol_keygate_key)
 # The process whose CPU each scenario charges (the proxy under test; for
 # direct, the upstream's worker): utime + stime from /proc, per 100k requests.
@@ -373,6 +388,7 @@ def f(x):
 names = {
     'direct': 'upstream direct (nginx return 200)',
     'nginx': 'nginx reverse proxy (1 worker, keepalive pool)',
+    'nginx_log': 'nginx reverse proxy with its access log (combined, 16 KiB buffer)',
     'keygate_open': 'keygate, auth: none',
     'keygate_key': 'keygate, key check + local rate limit, cache hit',
     'quiet_open': 'keygate, auth: none, access log and metrics off',
@@ -406,6 +422,13 @@ for s in names:
     cu, cs = med(v, 5), med(v, 6)
     cpu = f"{cu + cs:.2f} ({cu:.2f} + {cs:.2f})" if cu is not None and cs is not None else '-'
     print(f"| {names[s]} | {rps:,.0f} | {ratio} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} | {cpu} |")
+# Like for like: both with their access logs, and both without.
+pairs = [('keygate_open', 'nginx_log', 'keygate auth: none / nginx, both with access logs'),
+         ('quiet_open', 'nginx', 'keygate auth: none / nginx, both without access logs')]
+likes = [(label, med(rows[a], 0) / med(rows[b], 0)) for a, b, label in pairs if a in rows and b in rows]
+if likes:
+    print()
+    print('; '.join(f"{label}: {r:.2f}" for label, r in likes))
 open_names = {
     'ol_direct': 'upstream direct',
     'ol_nginx': 'nginx reverse proxy',
