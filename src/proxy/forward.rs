@@ -490,6 +490,18 @@ mod tests {
         req
     }
 
+    /// A bodiless GET of `/x` on `timer`, as keygate's own HTTP/1 path
+    /// hands it over.
+    async fn forward_get(
+        up: &Upstreams,
+        table: &RouteTable,
+        timer: Pin<&mut Sleep>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let route = table.find(None, "/x").unwrap();
+        up.forward(bodiless(Method::GET), Added::default(), route, table, timer)
+            .await
+    }
+
     /// A bodiless request: the answer's status and its body, or how the
     /// body broke.
     async fn send(
@@ -550,19 +562,10 @@ mod tests {
         let (addr, accepted) = scripted(answers).await;
         let up = upstreams();
         let table = table_with_timeout(addr, Duration::from_millis(300));
-        let route = table.find(None, "/x").unwrap();
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let send = async |timer: Pin<&mut Sleep>| {
             let started = Instant::now();
-            let sent = up
-                .forward(
-                    bodiless(Method::GET),
-                    Added::default(),
-                    route,
-                    &table,
-                    timer,
-                )
-                .await;
+            let sent = forward_get(&up, &table, timer).await;
             let body = match sent {
                 Ok(resp) => Ok(resp.into_body().collect().await.unwrap().to_bytes()),
                 Err(e) => Err(e),
@@ -692,16 +695,7 @@ mod tests {
         let big: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nstart";
         let (addr, accepted) = scripted(vec![(big, false), (OK, false)]).await;
         let (up, table) = (upstreams(), table(addr));
-        let route = table.find(None, "/x").unwrap();
-        let resp = up
-            .forward(
-                bodiless(Method::GET),
-                Added::default(),
-                route,
-                &table,
-                timer!(),
-            )
-            .await;
+        let resp = forward_get(&up, &table, timer!()).await;
         drop(resp.unwrap());
         assert_eq!(get(&up, &table).await.unwrap(), "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -713,17 +707,7 @@ mod tests {
             Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         let (addr, _) = scripted(vec![(answer, false)]).await;
         let (up, table) = (upstreams(), table(addr));
-        let route = table.find(None, "/x").unwrap();
-        let resp = up
-            .forward(
-                bodiless(Method::GET),
-                Added::default(),
-                route,
-                &table,
-                timer!(),
-            )
-            .await
-            .unwrap();
+        let resp = forward_get(&up, &table, timer!()).await.unwrap();
         let (parts, mut body) = resp.into_parts();
         assert!(body.take_raw_fields().is_none());
         let names: Vec<&str> = parts.headers.keys().map(|k| k.as_str()).collect();
@@ -738,18 +722,9 @@ mod tests {
         let b: &[u8] = b"HTTP/1.1 200 OK\r\nX-B: 2\r\nContent-Length: 0\r\nx-c: 3\r\n\r\n";
         let (addr, accepted) = scripted(vec![(a, false), (b, false)]).await;
         let (up, table) = (upstreams(), table(addr));
-        let route = table.find(None, "/x").unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
-            let resp = up
-                .forward(
-                    bodiless(Method::GET),
-                    Added::default(),
-                    route,
-                    &table,
-                    timer!(),
-                )
-                .await;
+            let resp = forward_get(&up, &table, timer!()).await;
             let (mut parts, mut body) = resp.unwrap().into_parts();
             if let Some(raw) = body.take_raw_fields() {
                 raw.into_map(&mut parts.headers);
