@@ -456,21 +456,26 @@ mod tests {
     }
 
     fn table(addr: std::net::SocketAddr) -> RouteTable {
-        table_with_timeout(addr, Duration::from_secs(5))
+        routes(addr, &[("/", Duration::from_secs(5))])
     }
 
-    fn table_with_timeout(addr: std::net::SocketAddr, timeout: Duration) -> RouteTable {
-        RouteTable::new(&[RouteConfig {
-            name: "r".into(),
-            host: None,
-            path: PathMatch::Prefix("/".into()),
-            upstream: format!("http://{addr}").parse().unwrap(),
-            scopes: vec![],
-            rate_limit: None,
-            timeout,
-            max_body: 1024,
-            auth: RouteAuth::None,
-        }])
+    /// Routes by path prefix, with their timeouts, all to `addr`.
+    fn routes(addr: std::net::SocketAddr, prefixes: &[(&str, Duration)]) -> RouteTable {
+        let routes: Vec<RouteConfig> = prefixes
+            .iter()
+            .map(|&(prefix, timeout)| RouteConfig {
+                name: format!("r{prefix}"),
+                host: None,
+                path: PathMatch::Prefix(prefix.into()),
+                upstream: format!("http://{addr}").parse().unwrap(),
+                scopes: vec![],
+                rate_limit: None,
+                timeout,
+                max_body: 1024,
+                auth: RouteAuth::None,
+            })
+            .collect();
+        RouteTable::new(&routes)
     }
 
     /// A bodiless GET, as keygate's own HTTP/1 path hands it over.
@@ -497,7 +502,17 @@ mod tests {
         table: &RouteTable,
         timer: Pin<&mut Sleep>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let route = table.find(None, "/x").unwrap();
+        forward_get_on(up, table, "/x", timer).await
+    }
+
+    /// The same on the route for `path`.
+    async fn forward_get_on(
+        up: &Upstreams,
+        table: &RouteTable,
+        path: &str,
+        timer: Pin<&mut Sleep>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let route = table.find(None, path).unwrap();
         up.forward(bodiless(Method::GET), Added::default(), route, table, timer)
             .await
     }
@@ -555,42 +570,47 @@ mod tests {
 
     #[tokio::test]
     async fn one_timer_times_each_request_in_turn() {
-        // The second answer never comes: that request times out, on the
-        // same timer the others ran on and without delaying them.
-        let mut answers = vec![(OK, false); 5];
-        answers[1] = (b"", false);
+        // The third answer never comes: that request times out, on the same
+        // timer the others ran on and without delaying them.
+        let mut answers = vec![(OK, false); 6];
+        answers[2] = (b"", false);
         let (addr, accepted) = scripted(answers).await;
         let up = upstreams();
-        let table = table_with_timeout(addr, Duration::from_millis(300));
+        let short = Duration::from_millis(300);
+        let table = routes(addr, &[("/", short), ("/long", Duration::from_secs(5))]);
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-        let send = async |timer: Pin<&mut Sleep>| {
+        let send = async |path: &str, timer: Pin<&mut Sleep>| {
             let started = Instant::now();
-            let sent = forward_get(&up, &table, timer).await;
+            let sent = forward_get_on(&up, &table, path, timer).await;
             let body = match sent {
                 Ok(resp) => Ok(resp.into_body().collect().await.unwrap().to_bytes()),
                 Err(e) => Err(e),
             };
             (body, started.elapsed())
         };
-        let (first, took) = send(timer.as_mut()).await;
+        let (first, took) = send("/x", timer.as_mut()).await;
         assert_eq!(first.unwrap(), "ok");
-        assert!(took < Duration::from_millis(300), "{took:?}");
-        // Longer apart than the timeout: the timer must not fire for an
-        // exchange that already ended.
+        assert!(took < short, "{took:?}");
+        // Longer apart than the timeout: the timer fires for an exchange
+        // that already ended, and must not count against the next one.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let (second, took) = send(timer.as_mut()).await;
+        let (second, took) = send("/long", timer.as_mut()).await;
+        assert_eq!(second.unwrap(), "ok");
+        assert!(took < short, "{took:?}");
+        // Moved to an earlier deadline than the long route's last one.
+        let (third, took) = send("/x", timer.as_mut()).await;
         assert!(
-            matches!(second, Err(GatewayError::UpstreamTimeout)),
-            "{second:?}"
+            matches!(third, Err(GatewayError::UpstreamTimeout)),
+            "{third:?}"
         );
         assert!(
-            took >= Duration::from_millis(290) && took < Duration::from_millis(1300),
+            took >= short - Duration::from_millis(10) && took < Duration::from_millis(1300),
             "timed out after {took:?}"
         );
         for _ in 0..3 {
-            let (next, took) = send(timer.as_mut()).await;
+            let (next, took) = send("/x", timer.as_mut()).await;
             assert_eq!(next.unwrap(), "ok");
-            assert!(took < Duration::from_millis(300), "{took:?}");
+            assert!(took < short, "{took:?}");
         }
         // The connection that timed out was not reused.
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
