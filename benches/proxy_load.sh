@@ -410,8 +410,8 @@ base_of = {'nginx_1k': 'nginx_1k', 'keygate_1k': 'nginx_1k', 'nginx_64k': 'nginx
            'keygate_64k': 'nginx_64k', 'h2_nginx': 'h2_nginx', 'h2_keygate': 'h2_nginx'}
 print(f"wrk -t1 -c{conns} -d{dur} --latency (HTTP/2: h2load -t1 -c16 -m10 -D {dur}), {rounds} interleaved rounds, medians; keygate proxy workers: {workers}")
 print()
-print("| scenario | req/s | ratio to nginx proxy | p50 ms | p99 ms | non-2xx | proxy CPU s per 100k req (user + sys) |")
-print("|---|---|---|---|---|---|---|")
+print("| scenario | req/s | ratio to nginx proxy | per-round ratios (min-max) | p50 ms | p99 ms | non-2xx | proxy CPU s per 100k req (user + sys) |")
+print("|---|---|---|---|---|---|---|---|")
 for s in names:
     if s not in rows: continue
     v = rows[s]
@@ -419,9 +419,13 @@ for s in names:
     b = base_of.get(s, 'nginx')
     base = med(rows[b], 0) if b in rows else None
     ratio = f"{rps/base:.2f}" if base else "-"
+    # Each round's rate over the base's in the same round (the two ran
+    # seconds apart): how far the ratio moves as the machine drifts.
+    per_round = [x[0] / y[0] for x, y in zip(v, rows[b])] if base and s != b else []
+    spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if per_round else "-"
     cu, cs = med(v, 5), med(v, 6)
     cpu = f"{cu + cs:.2f} ({cu:.2f} + {cs:.2f})" if cu is not None and cs is not None else '-'
-    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} | {cpu} |")
+    print(f"| {names[s]} | {rps:,.0f} | {ratio} | {spread} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} | {cpu} |")
 # Like for like: both with their access logs, and both without.
 pairs = [('keygate_open', 'nginx_log', 'keygate auth: none / nginx, both with access logs'),
          ('quiet_open', 'nginx', 'keygate auth: none / nginx, both without access logs')]
