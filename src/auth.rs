@@ -138,7 +138,7 @@ impl Authenticator {
                 return Err(GatewayError::StoreUnavailable);
             }
         };
-        key.check(self.clock.now()).map_err(|r| match r {
+        key.check(self.clock.now_nanos()).map_err(|r| match r {
             Refusal::Revoked => GatewayError::KeyRevoked,
             Refusal::Rotated => GatewayError::KeyRotated,
             Refusal::Suspended => GatewayError::KeySuspended,

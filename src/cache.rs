@@ -36,7 +36,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use http::HeaderValue;
 use quick_cache::UnitWeighter;
 use quick_cache::sync::{DefaultLifecycle, EntryAction, EntryResult, PlaceholderGuard};
@@ -44,7 +43,7 @@ use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CacheConfig;
-use crate::keys::{Access, KeyId, KeyRecord, RateLimitSpec, Refusal, Scope, TokenHash};
+use crate::keys::{Access, KeyId, KeyRecord, RateLimitSpec, Refusal, Scope, TokenHash, unix_nanos};
 use crate::store::{Invalidation, SharedStore, StoreError};
 
 /// A verified key as the data plane uses it: what a request reads of the key
@@ -77,15 +76,6 @@ pub struct CachedKey {
 /// "No end" for [`CachedKey`]'s timestamps.
 const NEVER: i64 = i64::MAX;
 
-/// A time as nanoseconds since the Unix epoch: exact from 1677 to 2262,
-/// saturated (short of [`NEVER`]) outside.
-fn nanos(t: DateTime<Utc>) -> i64 {
-    t.timestamp_nanos_opt().unwrap_or(match t.timestamp() < 0 {
-        true => i64::MIN,
-        false => NEVER - 1,
-    })
-}
-
 impl CachedKey {
     /// The data-plane form of `rec`, loaded by the secret with `hash`.
     fn new(rec: KeyRecord, hash: &TokenHash, scopes: Arc<ScopeSet>, fetched: u64) -> CachedKey {
@@ -107,7 +97,7 @@ impl CachedKey {
             NEVER
         } else {
             match rec.retired.iter().find(|r| r.hash.ct_eq(hash)) {
-                Some(r) => nanos(r.valid_until),
+                Some(r) => unix_nanos(r.valid_until),
                 None => i64::MIN,
             }
         };
@@ -121,7 +111,7 @@ impl CachedKey {
             revoked: rec.revoked_at.is_some(),
             suspended: rec.suspended_at.is_some(),
             rate_limit: rec.rate_limit,
-            expires: rec.expires_at.map_or(NEVER, nanos),
+            expires: rec.expires_at.map_or(NEVER, unix_nanos),
             secret_until,
             fetched,
         }
@@ -157,8 +147,8 @@ impl CachedKey {
     /// Whether the secret this entry was loaded by may be used at `now`: the
     /// status rule of [`KeyRecord::check`], first that applies: revoked,
     /// suspended, expired, then a retired secret whose grace has ended.
-    pub fn check(&self, now: DateTime<Utc>) -> Result<(), Refusal> {
-        let now = nanos(now);
+    /// Whether the key may be used at `now` ([`crate::keys::Clock::now_nanos`]).
+    pub fn check(&self, now: i64) -> Result<(), Refusal> {
         if self.revoked {
             Err(Refusal::Revoked)
         } else if self.suspended {
@@ -902,7 +892,8 @@ mod tests {
                 let key = CachedKey::new(rec.clone(), hash, sets.get(&rec.scopes), 0);
                 for at in [-20, -1, 0, 4, 5, 6, 9, 10, 11, 3600] {
                     let t = now + d(at);
-                    assert_eq!(key.check(t), rec.check(hash, t), "{rec:?} {hash:?} at {at}");
+                    let cached = key.check(unix_nanos(t));
+                    assert_eq!(cached, rec.check(hash, t), "{rec:?} {hash:?} at {at}");
                 }
             }
         }

@@ -613,6 +613,24 @@ pub struct KeyView {
 /// The time source for every time-dependent rule, so tests can move it.
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> DateTime<Utc>;
+
+    /// The same instant as [`unix_nanos`] gives it: what the request path
+    /// compares and counts with. The system clock answers without building
+    /// a calendar date (`Utc::now` costs ~350 instructions, twice per keyed
+    /// request).
+    fn now_nanos(&self) -> i64 {
+        unix_nanos(self.now())
+    }
+}
+
+/// A time as nanoseconds since the Unix epoch: exact from 1677 to 2262,
+/// saturated outside (`i64::MIN`, `i64::MAX - 1`; `i64::MAX` stays free to
+/// mean "never").
+pub fn unix_nanos(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(match t.timestamp() < 0 {
+        true => i64::MIN,
+        false => i64::MAX - 1,
+    })
 }
 
 /// The real clock.
@@ -622,6 +640,14 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
+    }
+
+    fn now_nanos(&self) -> i64 {
+        let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos());
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(after) => nanos(after).unwrap_or(i64::MAX - 1),
+            Err(before) => nanos(before.duration()).map_or(i64::MIN, |n| -n),
+        }
     }
 }
 
@@ -653,6 +679,21 @@ impl Clock for ManualClock {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clocks_in_nanoseconds_are_their_calendar_time() {
+        use super::{Clock, ManualClock, SystemClock, unix_nanos};
+        use chrono::{DateTime, Utc};
+        let before = unix_nanos(Utc::now());
+        let now = SystemClock.now_nanos();
+        let after = unix_nanos(Utc::now());
+        assert!(before <= now && now <= after, "{before} {now} {after}");
+        let manual = ManualClock::new(Utc::now());
+        assert_eq!(manual.now_nanos(), unix_nanos(manual.now()));
+        assert_eq!(unix_nanos(DateTime::<Utc>::MAX_UTC), i64::MAX - 1);
+        assert_eq!(unix_nanos(DateTime::<Utc>::MIN_UTC), i64::MIN);
+        assert_eq!(unix_nanos(DateTime::UNIX_EPOCH), 0);
+    }
+
     #[test]
     fn ulids_of_one_millisecond_increase() {
         let at = std::time::SystemTime::now();

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{Clock, KeyId};
+use crate::ratelimit::FastHash;
 use crate::store::{SharedStore, StoreError, UsageCounts, UsageDelta};
 
 /// How often usage is flushed to the store.
@@ -180,14 +181,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// In-memory usage counters, shared by every proxy worker.
 pub struct UsageRecorder {
-    slots: DashMap<KeyId, Slot>,
+    /// Keyed by the verified keys' ids, which keygate issues: a fast hash.
+    slots: DashMap<KeyId, Slot, FastHash>,
     clock: Arc<dyn Clock>,
 }
 
 impl UsageRecorder {
     pub fn new(clock: Arc<dyn Clock>) -> UsageRecorder {
         UsageRecorder {
-            slots: DashMap::new(),
+            slots: DashMap::with_hasher(FastHash),
             clock,
         }
     }
@@ -195,7 +197,7 @@ impl UsageRecorder {
     /// Counts one request of `key`. Never touches the store; allocates only the
     /// first time a key is seen (and again after it was idle for a minute).
     pub fn record(&self, key: &KeyId, outcome: Outcome) {
-        let ms = self.clock.now().timestamp_millis();
+        let ms = self.clock.now_nanos().div_euclid(1_000_000);
         let hour = ms.div_euclid(3_600_000) * 3600;
         if let Some(slot) = self.slots.get(key) {
             slot.add(hour, ms, outcome);

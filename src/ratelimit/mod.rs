@@ -42,6 +42,7 @@ use crate::error::GatewayError;
 use crate::keys::{KeyId, RateLimitSpec};
 use crate::store::redis_conn::RedisEndpoint;
 pub use failures::{FailedAuth, client_ip};
+pub use hash::FastHash;
 use headers::{CurrentTable, PolicyCache, ceil_secs};
 pub use headers::{Policy, RateHeaders};
 use http::HeaderValue;
