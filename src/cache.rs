@@ -144,10 +144,10 @@ impl CachedKey {
         self.scopes.scopes.iter().any(|s| s == scope)
     }
 
-    /// Whether the secret this entry was loaded by may be used at `now`: the
+    /// Whether the secret this entry was loaded by may be used at `now`
+    /// (nanoseconds since the epoch, [`crate::keys::Clock::now_nanos`]): the
     /// status rule of [`KeyRecord::check`], first that applies: revoked,
     /// suspended, expired, then a retired secret whose grace has ended.
-    /// Whether the key may be used at `now` ([`crate::keys::Clock::now_nanos`]).
     pub fn check(&self, now: i64) -> Result<(), Refusal> {
         if self.revoked {
             Err(Refusal::Revoked)
