@@ -89,7 +89,8 @@ impl Upstreams {
             self.send_pooled(req, route, table).await
         };
         // Moving a registered timer later is one atomic operation; the
-        // timer wheel is locked only when the timer was new or had fired.
+        // timer wheel is locked only when the timer is new, has fired, or
+        // moves earlier (a route with a shorter timeout).
         timer
             .as_mut()
             .reset(tokio::time::Instant::now() + route.config.timeout);

@@ -31,10 +31,10 @@
 //! [`FLUSH_EVERY`]; past [`MAX_BATCH`] bytes it drops further lines
 //! (counted). The log writer's queue holds at most
 //! [`super::QUEUED_MESSAGES`] chunks, and drops (and counts) what does not
-//! fit, so a stalled stderr cannot grow memory without bound. It keeps the shape of the process's other log lines (`timestamp`,
-//! `level`, `target`, `message`). Without an installed sink (a library user
-//! with its own subscriber) the line goes through `tracing` as an ordinary
-//! event.
+//! fit, so a stalled stderr cannot grow memory without bound. It keeps the
+//! shape of the process's other log lines (`timestamp`, `level`, `target`,
+//! `message`). Without an installed sink (a library user with its own
+//! subscriber) the line goes through `tracing` as an ordinary event.
 
 use std::cell::RefCell;
 use std::io::Write as _;

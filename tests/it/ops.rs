@@ -614,12 +614,7 @@ async fn metrics_parse_and_move_with_allowed_denied_and_limited_requests() {
     let kg = Keygate::builder()
         .section("rate_limit:\n  default: {per_second: 1, burst: 3}")
         .route(&route("api", "/api/", &up.url(), ", scopes: [orders]"))
-        .route(&route(
-            "gone",
-            "/gone/",
-            &format!("http://{}", Upstream::refused()),
-            "",
-        ))
+        .route(&route("gone", "/gone/", &Upstream::refused_url(), ""))
         .start()
         .await;
     let (_, full) = kg
@@ -848,12 +843,7 @@ async fn every_request_gets_one_access_line_without_any_key() {
         .section("logging:\n  format: json\n  access_log: true")
         .route(&route("api", "/api/", &up.url(), ", scopes: [orders]"))
         .route(&route("open", "/open/", &up.url(), ", auth: none"))
-        .route(&route(
-            "gone",
-            "/gone/",
-            &format!("http://{}", Upstream::refused()),
-            "",
-        ))
+        .route(&route("gone", "/gone/", &Upstream::refused_url(), ""))
         .start()
         .await;
     let (full_id, full) = kg
@@ -1106,7 +1096,7 @@ async fn access_lines_written_to_a_file_stay_whole_beside_other_log_lines() {
         .route(&route(
             "gone",
             "/gone/",
-            &format!("http://{}", Upstream::refused()),
+            &Upstream::refused_url(),
             ", auth: none",
         ))
         .start()

@@ -474,7 +474,7 @@ async fn stalled_upstream_is_504_after_the_route_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_and_reset_upstreams_are_502() {
     let up = Upstream::named("resets").await;
-    let refused = format!("http://{}", Upstream::refused());
+    let refused = Upstream::refused_url();
     let kg = Keygate::builder()
         .route(&format!(
             "{{name: gone, match: {{path_prefix: /gone/}}, upstream: '{refused}', auth: none}}"

@@ -113,6 +113,12 @@ impl Upstream {
         addr
     }
 
+    /// `http://` and a [`Upstream::refused`] address, for a route's
+    /// `upstream:` that nothing answers.
+    pub fn refused_url() -> String {
+        format!("http://{}", Upstream::refused())
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
