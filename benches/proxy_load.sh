@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmark: keygate next to nginx, measured side by side in one run.
 #
-#   benches/proxy_load.sh [--rounds N] [--duration 10s] [--connections 64] [--write]
+#   benches/proxy_load.sh [--rounds N] [--duration 10s] [--connections 64] [--write] [--pgo]
 #
 # Starts nginx (1 worker) serving a static 100-byte JSON as the upstream, nginx
 # (1 worker, keepalive pool >= connections) as a reverse proxy in front of it,
@@ -20,12 +20,19 @@
 # row also shows the proxy process's CPU (utime + stime from /proc) per 100k
 # requests: for direct, the upstream nginx worker's.
 #
+# With --pgo, benches/pgo_build.sh first builds keygate profile-guided, and
+# the scenarios pgo_open and pgo_key run it with the defaults, beside the
+# plain perf build.
+#
 # Environment: KEYGATE_WORKERS (proxy worker threads, each a single-threaded
 # runtime on SO_REUSEPORT; default: one per CPU), KEYGATE_BIN (use this binary
-# instead of building), SCENARIO_FILTER (space-separated scenario names).
+# instead of building), KEYGATE_PGO_BIN (use this profile-guided binary for
+# pgo_open and pgo_key instead of building it), SCENARIO_FILTER
+# (space-separated scenario names).
 # Scenarios: direct, nginx (access_log off), nginx_log (nginx's default
 # access log, buffered), keygate_open, keygate_key (defaults: access log
-# and metrics on), quiet_open, quiet_key (both off), hyper_open, hyper_key
+# and metrics on), quiet_open, quiet_key (both off), pgo_open, pgo_key
+# (defaults, profile-guided build; with --pgo or KEYGATE_PGO_BIN), hyper_open, hyper_key
 # (defaults, keygate's own HTTP/1 path off), hclient_open, hclient_key
 # (defaults, keygate's own upstream client off), redis_key (Redis store and
 # Redis rate limit; needs redis-server), nginx_1k, keygate_1k, nginx_64k,
@@ -37,12 +44,14 @@ ROUNDS=5
 DURATION=10s
 CONNS=64
 WRITE=0
+PGO=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --connections) CONNS=$2; shift 2 ;;
     --write) WRITE=1; shift ;;
+    --pgo) PGO=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -50,14 +59,11 @@ done
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need h2load; then
-  echo "installing wrk, nginx and h2load with apt-get..." >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light nghttp2-client >/dev/null
-fi
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+install_load_tools
 OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 [ -x "$OHA" ] || { echo "oha not found (cargo install oha): open-loop scenarios skipped" >&2; OHA=""; }
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [ -n "${KEYGATE_BIN:-}" ]; then
   KEYGATE=$KEYGATE_BIN
@@ -67,53 +73,18 @@ else
   KEYGATE="$ROOT/target/perf/keygate"
 fi
 
+# The profile-guided build (pgo_open, pgo_key): built with --pgo, or given.
+if [ "$PGO" = 1 ] && [ -z "${KEYGATE_PGO_BIN:-}" ]; then
+  KEYGATE_PGO_BIN=$(benches/pgo_build.sh)
+fi
+
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/up.pid" ] && kill "$(cat "$WORK/up.pid")" 2>/dev/null || true
-  [ -f "$WORK/px.pid" ] && kill "$(cat "$WORK/px.pid")" 2>/dev/null || true
-  sleep 0.3
-  rm -rf "$WORK"
-}
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP_PORT=$(free_port); NGX_PORT=$(free_port); NGX_H2_PORT=$(free_port); NGX_LOG_PORT=$(free_port)
 
-BODY='{"status":"ok","service":"upstream","items":[1,2,3,4,5],"message":"hello from the upstream!!"}'
-BODY=${BODY:0:100}
-
-mkdir -p "$WORK/up" "$WORK/px" "$WORK/files"
-# Bigger answers: 1 KiB and 64 KiB of JSON-ish bytes, served from files.
-# (readable by nginx's worker user: mktemp makes the dir private)
-chmod 755 "$WORK" "$WORK/files"
-python3 -c 'import sys; [open(f"{sys.argv[1]}/{n}", "w").write("[" + "1," * ((size - 3) // 2) + "1]" + " " * ((size - 3) % 2)) for n, size in (("b1k.json", 1024), ("b64k.json", 65536))]' "$WORK/files"
-cat > "$WORK/up.conf" <<NGX
-worker_processes 1;
-pid $WORK/up.pid;
-error_log $WORK/up.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/up; proxy_temp_path $WORK/up; fastcgi_temp_path $WORK/up; uwsgi_temp_path $WORK/up; scgi_temp_path $WORK/up;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP_PORT;
-    location / { default_type application/json; return 200 '$BODY'; }
-    location ~ /(b1k|b64k)\$ { default_type application/json; root $WORK/files; try_files /\$1.json =404; }
-  }
-}
-NGX
-cat > "$WORK/px.conf" <<NGX
-worker_processes 1;
-pid $WORK/px.pid;
-error_log $WORK/px.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/px; proxy_temp_path $WORK/px; fastcgi_temp_path $WORK/px; uwsgi_temp_path $WORK/px; scgi_temp_path $WORK/px;
-  keepalive_requests 1000000;
+{ nginx_prelude px; cat <<NGX
   upstream up { server 127.0.0.1:$UP_PORT; keepalive $((CONNS > 256 ? CONNS : 256)); keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGX_PORT;
@@ -140,7 +111,8 @@ http {
   }
 }
 NGX
-"$NGINX" -c "$WORK/up.conf" -e "$WORK/up.err"
+} > "$WORK/px.conf"
+start_upstream
 "$NGINX" -c "$WORK/px.conf" -e "$WORK/px.err"
 
 ADMIN_TOKEN="bench-admin-token-$(date +%s%N)"
@@ -156,53 +128,6 @@ if command -v redis-server >/dev/null 2>&1; then
   PIDS+=("$(sleep 0.3; cat "$WORK/redis.pid")")
 fi
 
-# start_keygate NAME STORE_YAML EXTRA_YAML [VAR=VALUE]: a keygate in front of
-# the upstream with an open route and a keyed one, with VAR=VALUE in its
-# environment; sets KG_URL_<NAME> and KEY_<NAME>.
-start_keygate() {
-  local name=$1 store=$2 extra=$3 envvar=${4:-KEYGATE_BENCH=1}
-  local port admin
-  port=$(free_port); admin=$(free_port)
-  cat > "$WORK/$name.yaml" <<YAML
-listen: 127.0.0.1:$port
-admin:
-  listen: 127.0.0.1:$admin
-  tokens:
-    - { name: bench, role: admin, sha256: "$ADMIN_SHA" }
-store:
-$store
-limits:
-  upstream_pool_max_idle_per_host: $POOL
-$extra
-routes:
-  - name: open
-    match: { path_prefix: /open/ }
-    upstream: http://127.0.0.1:$UP_PORT
-    auth: none
-  - name: keyed
-    match: { path_prefix: /keyed/ }
-    upstream: http://127.0.0.1:$UP_PORT
-    scopes: [bench]
-YAML
-  env KEYGATE_LOG=warn "$envvar" "$KEYGATE" serve --config "$WORK/$name.yaml" > "$WORK/$name.out" 2> "$WORK/$name.err" &
-  PIDS+=($!)
-  printf -v "PID_$name" '%s' "$!"
-  for _ in $(seq 100); do
-    grep -q "keygate listening" "$WORK/$name.out" 2>/dev/null && break
-    sleep 0.1
-  done
-  grep -q "keygate listening" "$WORK/$name.out" || { echo "keygate $name did not start:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
-  # A key for the keyed scenarios, created through the admin API; its rate
-  # limit is far above what the bench reaches, so every request is checked
-  # against it and none is refused.
-  local key
-  key=$(curl -sf -X POST -H "Authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json' \
-    -d '{"name":"bench","scopes":["bench"],"access":"full","rate_limit":{"per_second":10000000,"burst":10000000}}' \
-    "http://127.0.0.1:$admin/v1/keys" | python3 -c 'import sys,json; print(json.load(sys.stdin)["secret"])')
-  printf -v "KG_URL_$name" '%s' "http://127.0.0.1:$port"
-  printf -v "KEY_$name" '%s' "$key"
-}
-
 EMBEDDED="  backend: embedded
   path: $WORK/PLACEHOLDER.redb"
 # Defaults: access log (text, to a file here) and metrics on.
@@ -212,6 +137,10 @@ start_keygate quiet "${EMBEDDED/PLACEHOLDER/quiet}" "logging:
   access_log: false
 metrics:
   enabled: false"
+# The defaults, from the profile-guided build.
+if [ -n "${KEYGATE_PGO_BIN:-}" ]; then
+  KEYGATE=$KEYGATE_PGO_BIN start_keygate pgo "${EMBEDDED/PLACEHOLDER/pgo}" ""
+fi
 # The defaults with every HTTP/1 request served by hyper (keygate's own
 # HTTP/1 path switched off), to show what that path gains.
 start_keygate hyper "${EMBEDDED/PLACEHOLDER/hyper}" "" KEYGATE_H1_FAST_PATH=0
@@ -235,6 +164,10 @@ add nginx_log "http://127.0.0.1:$NGX_LOG_PORT/open/x" "" wrk
 add keygate_open "$KG_URL_kg/open/x" "" wrk
 add keygate_key "$KG_URL_kg/keyed/x" "$KEYHDR" wrk
 add quiet_open "$KG_URL_quiet/open/x" "" wrk
+if [ -n "${KEYGATE_PGO_BIN:-}" ]; then
+  add pgo_open "$KG_URL_pgo/open/x" "" wrk
+  add pgo_key "$KG_URL_pgo/keyed/x" "Authorization: Bearer $KEY_pgo" wrk
+fi
 add hyper_open "$KG_URL_hyper/open/x" "" wrk
 add hyper_key "$KG_URL_hyper/keyed/x" "Authorization: Bearer $KEY_hyper" wrk
 add hclient_open "$KG_URL_hclient/open/x" "" wrk
@@ -253,7 +186,7 @@ if [ -n "$OHA" ]; then
   add ol_keygate_open "${URL[keygate_open]}" "" oha
   add ol_keygate_key "${URL[keygate_key]}" "$KEYHDR" oha
 fi
-ALL=(direct nginx nginx_log keygate_open keygate_key quiet_open quiet_key hyper_open hyper_key hclient_open hclient_key redis_key nginx_1k keygate_1k
+ALL=(direct nginx nginx_log keygate_open keygate_key quiet_open quiet_key pgo_open pgo_key hyper_open hyper_key hclient_open hclient_key redis_key nginx_1k keygate_1k
   nginx_64k keygate_64k h2_nginx h2_keygate ol_direct ol_nginx ol_keygate_open ol_keygate_key)
 # The process whose CPU each scenario charges (the proxy under test; for
 # direct, the upstream's worker): utime + stime from /proc, per 100k requests.
@@ -265,6 +198,7 @@ for s in "${ALL[@]}"; do
     *direct) CPUPID[$s]=$UP_WORKER ;;
     *nginx*) CPUPID[$s]=$PX_WORKER ;;
     quiet_*) CPUPID[$s]=$PID_quiet ;;
+    pgo_*) CPUPID[$s]=${PID_pgo:-} ;;
     hyper_*) CPUPID[$s]=$PID_hyper ;;
     hclient_*) CPUPID[$s]=$PID_hclient ;;
     redis_*) CPUPID[$s]=${PID_redis:-} ;;
@@ -393,6 +327,8 @@ names = {
     'keygate_key': 'keygate, key check + local rate limit, cache hit',
     'quiet_open': 'keygate, auth: none, access log and metrics off',
     'quiet_key': 'keygate, key check + local rate limit, access log and metrics off',
+    'pgo_open': 'keygate, auth: none, profile-guided build (benches/pgo_build.sh)',
+    'pgo_key': 'keygate, key check + local rate limit, cache hit, profile-guided build',
     'hyper_open': 'keygate, auth: none, every request through hyper (KEYGATE_H1_FAST_PATH=0)',
     'hyper_key': 'keygate, key check + local rate limit, through hyper',
     'hclient_open': 'keygate, auth: none, own HTTP/1 path, hyper upstream client (KEYGATE_H1_CLIENT=0)',
@@ -428,7 +364,8 @@ for s in names:
     print(f"| {names[s]} | {rps:,.0f} | {ratio} | {spread} | {f(med(v, 1))} | {f(med(v, 2))} | {sum(x[4] for x in v)} | {cpu} |")
 # Like for like: both with their access logs, and both without.
 pairs = [('keygate_open', 'nginx_log', 'keygate auth: none / nginx, both with access logs'),
-         ('quiet_open', 'nginx', 'keygate auth: none / nginx, both without access logs')]
+         ('quiet_open', 'nginx', 'keygate auth: none / nginx, both without access logs'),
+         ('pgo_open', 'nginx_log', 'keygate auth: none, profile-guided / nginx, both with access logs')]
 likes = [(label, med(rows[a], 0) / med(rows[b], 0)) for a, b, label in pairs if a in rows and b in rows]
 if likes:
     print()
