@@ -17,6 +17,15 @@ install_load_tools() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
+# expect_200 LABEL CURL_ARGS...: one request with curl; ends the script unless
+# the answer is 200 (a bench or a training run must not measure refusals).
+expect_200() {
+  local label=$1 code
+  shift
+  code=$(curl -s -o /dev/null -w '%{http_code}' "$@")
+  [ "$code" = 200 ] || { echo "$label: sanity request got $code, not 200" >&2; exit 1; }
+}
+
 # nginx_prelude NAME: the start of an nginx config, up to inside `http {`:
 # 1 worker, pid and error log $WORK/NAME.pid and .err, temp files in
 # $WORK/NAME, no access log, unlimited keep-alive requests.

@@ -68,13 +68,8 @@ start_keygate train "  backend: embedded
   path: $WORK/train.redb" ""
 
 BEARER="Authorization: Bearer $KEY_train"
-probe() {
-  local code
-  code=$(curl -s -o /dev/null -w '%{http_code}' "$@")
-  [ "$code" = 200 ] || { echo "training request to ${*: -1} got $code, not 200" >&2; exit 1; }
-}
-probe "$KG_URL_train/open/x"
-probe -H "$BEARER" "$KG_URL_train/keyed/x"
+expect_200 "training, open route" "$KG_URL_train/open/x"
+expect_200 "training, keyed route" -H "$BEARER" "$KG_URL_train/keyed/x"
 
 echo "training for about 4 x $TRAIN..." >&2
 # The mix of a gateway at work: proxied requests, most of them keyed, and a
@@ -95,7 +90,7 @@ kill -TERM "$PID_train"
 wait "$PID_train" || true
 shopt -s nullglob
 raw=("$PROFILES"/*.profraw)
-[ "${#raw[@]}" -gt 0 ] || { echo "keygate wrote no profile (see $WORK/train.err)" >&2; cat "$WORK/train.err" >&2; exit 1; }
+[ "${#raw[@]}" -gt 0 ] || { echo "keygate wrote no profile; its stderr:" >&2; cat "$WORK/train.err" >&2; exit 1; }
 "$PROFDATA" merge -o "$WORK/merged.profdata" "${raw[@]}"
 # Named by its content: cargo does not watch the file RUSTFLAGS names, so a
 # new profile must change RUSTFLAGS to rebuild everything with it.

@@ -219,8 +219,7 @@ for s in "${SCENARIOS[@]}"; do
   [ -n "${TOOL[$s]:-}" ] || { echo "unknown or unavailable scenario: $s" >&2; exit 2; }
   if [ "${TOOL[$s]}" = oha ]; then OPEN+=("$s"); else CLOSED+=("$s"); fi
   proto=(); [ "${TOOL[$s]}" = h2load ] && proto=(--http2-prior-knowledge)
-  code=$(curl -s "${proto[@]}" -o /dev/null -w '%{http_code}' ${HDR[$s]:+-H "${HDR[$s]}"} "${URL[$s]}")
-  [ "$code" = 200 ] || { echo "$s sanity request got $code" >&2; exit 1; }
+  expect_200 "$s" "${proto[@]}" ${HDR[$s]:+-H "${HDR[$s]}"} "${URL[$s]}"
 done
 
 # The 40-byte key header of the anchors for scenarios without a key.
