@@ -579,7 +579,7 @@ mod tests {
         let up = upstreams();
         let short = Duration::from_millis(300);
         let table = routes(addr, &[("/", short), ("/long", Duration::from_secs(5))]);
-        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut timer = timer!();
         let send = async |path: &str, timer: Pin<&mut Sleep>| {
             let started = Instant::now();
             let sent = forward_get_on(&up, &table, path, timer).await;
