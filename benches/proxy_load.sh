@@ -6,9 +6,10 @@
 # Starts nginx (1 worker) serving a static 100-byte JSON as the upstream, nginx
 # (1 worker, keepalive pool >= connections) as a reverse proxy in front of it,
 # and keygate (release build) in front of the same upstream, then runs
-# `wrk -t1 -cC -dD --latency` against each scenario, interleaved, for N rounds,
-# and prints medians and ratios to the nginx proxy. With --write the table is
-# appended to BENCHMARKS.md. Everything listens on 127.0.0.1 only.
+# `wrk -t1 -cC -dD --latency` against each scenario, interleaved (each round
+# starting one scenario further along) for N rounds, and prints medians and
+# ratios to the nginx proxy. With --write the table is appended to
+# BENCHMARKS.md. Everything listens on 127.0.0.1 only.
 #
 # Besides the 100-byte answer: 1 KiB and 64 KiB answers (nginx proxy and keygate
 # with a key), HTTP/2 with prior knowledge (`h2load -t1 -c16 -m10`; nginx and
@@ -322,8 +323,11 @@ for s in "${CLOSED[@]}"; do
     h2load) h2load -t1 -c16 -m10 -D 2 -H "${HDR[$s]:-$PAD}" "${URL[$s]}" >/dev/null ;;
   esac
 done
+# Each round starts one scenario further along, so that no scenario always
+# runs first (or right after the same neighbour) while the machine drifts.
 for r in $(seq "$ROUNDS"); do
-  for s in "${CLOSED[@]}"; do run_one "$r" "$s"; done
+  n=${#CLOSED[@]}
+  for i in $(seq 0 $((n - 1))); do run_one "$r" "${CLOSED[$(((i + r - 1) % n))]}"; done
 done
 if [ "${#OPEN[@]}" -gt 0 ]; then
   # Half the nginx proxy's closed-loop median of this run (or RATE from the
