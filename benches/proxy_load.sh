@@ -32,9 +32,10 @@
 # (space-separated scenario names).
 # Scenarios: direct, nginx (access_log off), nginx_log (nginx's default
 # access log, buffered), nginx_fwd, nginx_fwd_log (the same two sending the
-# fields keygate adds: X-Forwarded-Proto/-Host, X-Request-Id), keygate_open, keygate_key (defaults: access log
-# and metrics on), quiet_open, quiet_key (both off), pgo_open, pgo_key
-# (defaults, profile-guided build; with --pgo or KEYGATE_PGO_BIN), hyper_open, hyper_key
+# fields keygate adds: X-Forwarded-Proto/-Host, X-Request-Id), keygate_open,
+# keygate_key (defaults: access log and metrics on), quiet_open, quiet_key
+# (both off), pgo_open, pgo_key (defaults, profile-guided build; with --pgo
+# or KEYGATE_PGO_BIN), hyper_open, hyper_key
 # (defaults, keygate's own HTTP/1 path off), hclient_open, hclient_key
 # (defaults, keygate's own upstream client off), redis_key (Redis store and
 # Redis rate limit; needs redis-server), nginx_1k, keygate_1k, nginx_64k,
