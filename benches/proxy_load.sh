@@ -87,6 +87,9 @@ trap cleanup EXIT
 
 UP_PORT=$(free_port); NGX_PORT=$(free_port); NGX_H2_PORT=$(free_port); NGX_LOG_PORT=$(free_port)
 NGX_FWD_PORT=$(free_port); NGX_FWD_LOG_PORT=$(free_port)
+# Idle upstream connections each proxy keeps (nginx's keepalive, keygate's
+# upstream_pool_max_idle_per_host): at least one per client connection.
+POOL=$((CONNS > 256 ? CONNS : 256))
 
 # proxy_location [EXTRA]: nginx's location block for the proxy, with EXTRA
 # directives inside it.
@@ -126,7 +129,7 @@ FWD_FIELDS="      proxy_set_header Host 127.0.0.1:$UP_PORT;
 ACCESS_LOG="access_log $WORK/px-access.log combined buffer=16k flush=1s;"
 
 { nginx_prelude px; cat <<NGX
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive $((CONNS > 256 ? CONNS : 256)); keepalive_requests 1000000; }
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive $POOL; keepalive_requests 1000000; }
   map \$http_x_request_id \$kg_request_id { default \$http_x_request_id; "" "$FWD_ID_PREFIX\$connection-\$connection_requests"; }
   server {
     listen 127.0.0.1:$NGX_PORT;
@@ -156,7 +159,6 @@ start_upstream
 
 ADMIN_TOKEN="bench-admin-token-$(date +%s%N)"
 ADMIN_SHA=$(printf %s "$ADMIN_TOKEN" | "$KEYGATE" hash-token)
-POOL=$((CONNS > 256 ? CONNS : 256))
 
 # A redis-server of our own (free port, temp dir) for the Redis scenario.
 REDIS_PORT=""
@@ -326,8 +328,8 @@ for s in "${CLOSED[@]}"; do
 done
 # Each round starts one scenario further along, so that no scenario always
 # runs first (or right after the same neighbour) while the machine drifts.
+n=${#CLOSED[@]}
 for r in $(seq "$ROUNDS"); do
-  n=${#CLOSED[@]}
   for i in $(seq 0 $((n - 1))); do run_one "$r" "${CLOSED[$(((i + r - 1) % n))]}"; done
 done
 if [ "${#OPEN[@]}" -gt 0 ]; then
